@@ -1,0 +1,67 @@
+"""The transport protocol: what a communicator must offer the front end.
+
+Buffers are host numpy arrays (contiguous, any dtype numpy knows; bfloat16 travels as int16 since
+only the bytes matter).  Every operation is non-blocking and returns a :class:`Pending`; the
+synchronous forms are ``op(...).wait()``.  Waits are bounded by the transport's timeout so that a
+dead or diverging peer turns into :class:`~bluefog_fn.backend.CommTimeoutError` instead of a hang.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+
+class Pending(Protocol):
+    """An operation in flight."""
+
+    def done(self) -> bool:
+        """True once the operation completed (never blocks)."""
+        ...
+
+    def wait(self) -> None:
+        """Block until completion; raises ``CommError`` on failure or timeout."""
+        ...
+
+
+class Transport(Protocol):
+    """A communicator over ``size`` ranks, of which this process is ``rank``."""
+
+    rank: int
+    size: int
+    timeout: float
+
+    def exchange(
+        self,
+        sends: Sequence[tuple[int, np.ndarray]],
+        recvs: Sequence[tuple[int, np.ndarray]],
+        tag: int,
+    ) -> Pending:
+        """Post every receive, then every send; ``recvs`` are filled in place.
+
+        Each received message must carry ``tag`` and fill its buffer exactly, otherwise ``wait``
+        raises ``MismatchError`` naming the peer.
+        """
+        ...
+
+    def allreduce_sum(self, buf: np.ndarray) -> Pending:
+        """Sum ``buf`` over all ranks, in place."""
+        ...
+
+    def bcast(self, buf: np.ndarray, root: int) -> Pending:
+        """Overwrite ``buf`` on every rank with root's ``buf``."""
+        ...
+
+    def allgatherv(self, send: np.ndarray, recv: np.ndarray, counts: Sequence[int]) -> Pending:
+        """Concatenate every rank's ``send`` (``counts[r]`` elements from rank r) into ``recv``."""
+        ...
+
+    def barrier(self) -> Pending:
+        """Complete once every rank entered the barrier."""
+        ...
+
+    def allgather_object(self, obj: Any) -> list[Any]:
+        """Gather one small picklable object from every rank (used for agreement checks)."""
+        ...

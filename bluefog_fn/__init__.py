@@ -1,0 +1,70 @@
+"""bluefog-fn: decentralized training for PyTorch with a functional front end.
+
+>>> import torch, bluefog_fn as bf
+>>> bf.neighbor_mean({"w": torch.ones(2)}, bf.topology.ring(bf.size()))["w"].tolist()
+[1.0, 1.0]
+"""
+
+from __future__ import annotations
+
+from . import topology
+from .backend.errors import CommError, CommTimeoutError, MismatchError
+from .inspect import plan_cache_clear, plan_cache_info, trace
+from .ops import (
+    Handle,
+    allgather,
+    allgather_async,
+    barrier,
+    barrier_async,
+    broadcast,
+    broadcast_async,
+    global_mean,
+    global_mean_async,
+    global_sum,
+    global_sum_async,
+    neighbor_gather,
+    neighbor_gather_async,
+    neighbor_mean,
+    neighbor_mean_async,
+)
+from .plan import CommPlan
+from .plan_cache import CacheInfo
+from .world import init, local_rank, local_size, machine_rank, machine_size, rank, shutdown, size
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CacheInfo",
+    "CommError",
+    "CommPlan",
+    "CommTimeoutError",
+    "Handle",
+    "MismatchError",
+    "__version__",
+    "allgather",
+    "allgather_async",
+    "barrier",
+    "barrier_async",
+    "broadcast",
+    "broadcast_async",
+    "global_mean",
+    "global_mean_async",
+    "global_sum",
+    "global_sum_async",
+    "init",
+    "local_rank",
+    "local_size",
+    "machine_rank",
+    "machine_size",
+    "neighbor_gather",
+    "neighbor_gather_async",
+    "neighbor_mean",
+    "neighbor_mean_async",
+    "plan_cache_clear",
+    "plan_cache_info",
+    "rank",
+    "shutdown",
+    "size",
+    "topology",
+    "trace",
+]

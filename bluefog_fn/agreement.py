@@ -1,0 +1,79 @@
+"""First-call agreement: ranks check that they are making the same call before any data moves.
+
+Runs once per cached plan (see :class:`~bluefog_fn.plan_cache.PlanCache`): every rank publishes a
+small description of its call, every rank checks all of them with the same code, so a mismatch
+raises the same :class:`~bluefog_fn.MismatchError` everywhere instead of a deadlock.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .backend.errors import MismatchError
+from .plan import CommPlan
+from .world import World
+
+
+def _describe_leaves(plan: CommPlan, dim0_free: bool) -> tuple[Any, ...]:
+    out = []
+    for g in plan.layout.groups:
+        for s in g.slots:
+            shape = s.shape[1:] if dim0_free and s.shape else s.shape
+            out.append((s.leaf, s.path, str(g.dtype), shape))
+    return tuple(sorted(out))
+
+
+def agree(world: World, fn: str, plan: CommPlan, entry: list[Any], *, dim0_free: bool = False) -> None:
+    """Check that every rank calls ``fn`` compatibly with ``plan``; mark ``entry`` agreed."""
+    if entry[1] or world.size == 1 or world.transport is None:
+        return
+    mine = {
+        "op": plan.op,
+        "leaves": _describe_leaves(plan, dim0_free),
+        "step": plan.step,
+        "root": plan.root,
+        "sends": tuple(d for d, _ in plan.sends),
+        "recvs": tuple(s for s, _ in plan.recvs),
+    }
+    everyone = world.transport.allgather_object(mine)
+    _check(fn, everyone)
+    entry[1] = True
+
+
+def _check(fn: str, everyone: list[dict[str, Any]]) -> None:
+    ref = everyone[0]
+    for r, info in enumerate(everyone[1:], start=1):
+        if info["op"] != ref["op"]:
+            raise MismatchError(f"{fn}: rank 0 called {ref['op']} but rank {r} called {info['op']}")
+        if info["leaves"] != ref["leaves"]:
+            raise MismatchError(f"{fn}: {_leaf_difference(ref['leaves'], info['leaves'], r)}")
+        for key in ("step", "root"):
+            if info[key] != ref[key]:
+                raise MismatchError(f"{fn}: rank 0 passed {key}={ref[key]} but rank {r} passed {key}={info[key]}")
+    for r, info in enumerate(everyone):
+        for d in info["sends"]:
+            if r not in everyone[d]["recvs"]:
+                raise MismatchError(
+                    f"{fn}: rank {r} sends to rank {d} but rank {d} does not receive from rank {r} "
+                    f"(rank {d} receives from {list(everyone[d]['recvs'])}); check dst_weights/"
+                    "src_weights, the topology and step"
+                )
+        for s in info["recvs"]:
+            if r not in everyone[s]["sends"]:
+                raise MismatchError(
+                    f"{fn}: rank {r} receives from rank {s} but rank {s} does not send to rank {r} "
+                    f"(rank {s} sends to {list(everyone[s]['sends'])}); check dst_weights/"
+                    "src_weights, the topology and step"
+                )
+
+
+def _leaf_difference(a: tuple[Any, ...], b: tuple[Any, ...], r: int) -> str:
+    if len(a) != len(b):
+        return f"rank 0 passes a tree with {len(a)} tensor leaves but rank {r} passes {len(b)}"
+    for x, y in zip(a, b, strict=True):
+        if x != y:
+            return (
+                f"tree leaf {x[1]} is {x[2]} of shape {x[3]} on rank 0 but {y[2]} of shape "
+                f"{y[3]} at {y[1]} on rank {r}"
+            )
+    return f"rank 0 and rank {r} pass different trees"

@@ -1,0 +1,98 @@
+"""``bfrun``: launch a program on N ranks through the mpiexec installed next to this Python.
+
+    bfrun -np 4 python train.py --lr 0.1
+    bfrun -np 8 --timeline /tmp/tl python train.py
+    bfrun --version
+
+Options other than ``-np``/``-n``, ``--timeline`` and ``--version`` before the program are passed
+to mpiexec unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+
+USAGE = "usage: bfrun -np N [--timeline PATH] [mpiexec options] program [args...]"
+
+
+def find_mpiexec() -> str | None:
+    """The mpiexec of this environment (next to the interpreter), else the first on PATH."""
+    here = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    if os.access(here, os.X_OK):
+        return here
+    return shutil.which("mpiexec")
+
+
+def build_command(argv: Sequence[str], mpiexec: str) -> tuple[list[str], dict[str, str]]:
+    """Parse ``argv`` (without the program name) into the mpiexec command line and extra env."""
+    np_value: str | None = None
+    extra_env: dict[str, str] = {}
+    passthrough: list[str] = []
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a in ("-np", "-n", "--np"):
+            if i + 1 >= len(args):
+                raise SystemExit(f"bfrun: {a} needs a number of processes\n{USAGE}")
+            np_value = args[i + 1]
+            i += 2
+        elif a.startswith("--timeline"):
+            if "=" in a:
+                extra_env["BLUEFOG_FN_TIMELINE"] = a.split("=", 1)[1]
+                i += 1
+            else:
+                if i + 1 >= len(args):
+                    raise SystemExit(f"bfrun: --timeline needs a path\n{USAGE}")
+                extra_env["BLUEFOG_FN_TIMELINE"] = args[i + 1]
+                i += 2
+        elif a.startswith("-"):
+            passthrough.append(a)
+            i += 1
+        else:
+            break
+    program = args[i:]
+    if np_value is None:
+        raise SystemExit(f"bfrun: -np N is required\n{USAGE}")
+    try:
+        n = int(np_value)
+    except ValueError:
+        raise SystemExit(f"bfrun: -np must be a positive integer, got {np_value!r}") from None
+    if n < 1:
+        raise SystemExit(f"bfrun: -np must be a positive integer, got {n}")
+    if not program:
+        raise SystemExit(f"bfrun: no program to run\n{USAGE}")
+    return [mpiexec, "-n", str(n), *passthrough, *program], extra_env
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``bfrun`` console script; returns the program's exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args in (["--version"], ["-V"]):
+        from . import __version__
+
+        print(f"bfrun (bluefog-fn) {__version__}")
+        return 0
+    if not args or args[0] in ("-h", "--help"):
+        print(__doc__ if args else USAGE)
+        return 0 if args else 2
+    mpiexec = find_mpiexec()
+    if mpiexec is None:
+        raise SystemExit(
+            "bfrun: no mpiexec found next to this Python or on PATH; install an MPI "
+            "(`pip install mpich`, which bluefog-fn depends on) or add yours to PATH"
+        )
+    cmd, extra_env = build_command(args, mpiexec)
+    env = {**os.environ, **extra_env}
+    try:
+        return subprocess.call(cmd, env=env)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

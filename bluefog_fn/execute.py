@@ -1,0 +1,150 @@
+"""Executes plans in a process world (MPI or a world of one) through the backend.
+
+The path of a tensor through ``neighbor_mean``: each leaf's memory is sent as is (leaves of at
+least ``SEGMENT_MIN_BYTES``) or packed with its small neighbours into one message; receives land in
+one pooled ``(peers, numel)`` buffer per dtype; the compiled kernel writes
+``w_self · x + Σ w_j · recv_j`` into one pooled output buffer per dtype, and the returned leaves
+are views into it.  CUDA leaves go through reusable pinned host buffers on the way out and back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .backend.buffers import BufferPool, PinnedStaging, host_array
+from .backend.kernels import combine
+from .backend.transport import Pending, Transport
+from .plan import BufferGroup, CommPlan
+
+
+@dataclass
+class Resources:
+    """Per-world reusable memory: pooled host outputs and pinned staging for CUDA tensors."""
+
+    pool: BufferPool = field(default_factory=BufferPool)
+    staging: PinnedStaging = field(default_factory=PinnedStaging)
+
+
+def _host_segments(
+    group: BufferGroup, tensors: Sequence[torch.Tensor], res: Resources, purpose: str
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """One 1-D host tensor per segment of ``group`` (views of the caller's memory when possible)."""
+    device = tensors[group.slots[0].leaf].device if group.slots else torch.device("cpu")
+    if device.type != "cpu":
+        # One device→host copy of the whole group into a reused pinned buffer.
+        staged = res.staging.get(purpose, group.dtype, group.numel)
+        for s in group.slots:
+            staged[s.offset : s.offset + s.numel].copy_(tensors[s.leaf].detach().reshape(-1), non_blocking=True)
+        torch.cuda.synchronize(device)
+        return [staged[seg.start : seg.stop] for seg in group.segments], staged
+    out = []
+    for seg in group.segments:
+        if seg.packed:
+            buf = res.pool.take(group.dtype, seg.stop - seg.start)
+            for k in seg.slots:
+                s = group.slots[k]
+                buf[s.offset - seg.start : s.offset - seg.start + s.numel].copy_(tensors[s.leaf].detach().reshape(-1))
+            out.append(buf)
+        else:
+            s = group.slots[seg.slots[0]]
+            out.append(tensors[s.leaf].detach().reshape(-1))
+    return out, None
+
+
+def _leaf_views(plan: CommPlan, buffers: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    outs: list[torch.Tensor | None] = [None] * plan.layout.n_tensors
+    for g, buf in zip(plan.layout.groups, buffers, strict=True):
+        for s in g.slots:
+            outs[s.leaf] = buf[s.offset : s.offset + s.numel].view(s.shape)
+    return outs  # type: ignore[return-value]
+
+
+def _to_device(buf: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return buf if device.type == "cpu" else buf.to(device, non_blocking=False)
+
+
+class Exchange:
+    """The point-to-point part of ``neighbor_mean`` / ``neighbor_gather`` in flight."""
+
+    def __init__(self, transport: Transport, res: Resources, plan: CommPlan, tensors: Sequence[torch.Tensor]) -> None:
+        self.plan = plan
+        self.res = res
+        self.device = tensors[0].device if tensors else torch.device("cpu")
+        self.x: list[list[torch.Tensor]] = []
+        self.recv: list[torch.Tensor] = []
+        keep: list[torch.Tensor] = []  # scaled copies must outlive the sends
+        sends: list[tuple[int, np.ndarray]] = []
+        recvs: list[tuple[int, np.ndarray]] = []
+        n_in = len(plan.recvs)
+        for gi, g in enumerate(plan.layout.groups):
+            segs, _ = _host_segments(g, tensors, res, f"send{gi}")
+            self.x.append(segs)
+            rbuf = res.pool.take(g.dtype, n_in * g.numel).view(n_in, g.numel)
+            self.recv.append(rbuf)
+        # Messages to/from each peer go out in (group, segment) order on both sides; MPI keeps
+        # messages between a pair of ranks in order, so they match one to one.
+        for j, (src, _) in enumerate(plan.recvs):
+            for gi, g in enumerate(plan.layout.groups):
+                for seg in g.segments:
+                    recvs.append((src, host_array(self.recv[gi][j, seg.start : seg.stop])))
+        for dst, scale in plan.sends:
+            for gi, _g in enumerate(plan.layout.groups):
+                for seg_x in self.x[gi]:
+                    data = seg_x if scale == 1.0 else seg_x * scale
+                    if data is not seg_x:
+                        keep.append(data)
+                    sends.append((dst, host_array(data)))
+        self._keep = keep
+        self.pending: Pending = transport.exchange(sends, recvs, plan.tag)
+
+    def done(self) -> bool:
+        return self.pending.done()
+
+    def mix(self) -> list[torch.Tensor]:
+        """Wait, then combine into fresh fused outputs; returns the output leaves."""
+        self.pending.wait()
+        self._keep = []
+        plan = self.plan
+        weights = np.array([w for _, w in plan.recvs], dtype=np.float64)
+        outs = []
+        for gi, g in enumerate(plan.layout.groups):
+            out = self.res.pool.take(g.dtype, g.numel)
+            for seg, seg_x in zip(g.segments, self.x[gi], strict=True):
+                combine(seg_x, self.recv[gi][:, seg.start : seg.stop], weights, plan.self_weight, out[seg.start : seg.stop])
+            outs.append(_to_device(out, self.device))
+        return _leaf_views(plan, outs)
+
+    def gathered(self) -> dict[int, list[torch.Tensor]]:
+        """Wait, then return each source's leaves (views into the receive buffer)."""
+        self.pending.wait()
+        self._keep = []
+        result = {}
+        for j, (src, _) in enumerate(self.plan.recvs):
+            bufs = [_to_device(r[j], self.device) for r in self.recv]
+            result[src] = _leaf_views(self.plan, bufs)
+        return result
+
+
+def pack(plan: CommPlan, tensors: Sequence[torch.Tensor], res: Resources, *, upcast_half: bool = False) -> list[torch.Tensor]:
+    """Copy the leaves into fresh fused host buffers, one per dtype group."""
+    out = []
+    for g in plan.layout.groups:
+        dtype = torch.float32 if upcast_half and g.dtype in (torch.float16, torch.bfloat16) else g.dtype
+        buf = res.pool.take(dtype, g.numel)
+        for s in g.slots:
+            buf[s.offset : s.offset + s.numel].copy_(tensors[s.leaf].detach().reshape(-1))
+        out.append(buf)
+    return out
+
+
+def unpack(plan: CommPlan, buffers: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Leaves as views of the fused buffers (moved to ``device``, cast back from upcasts)."""
+    moved = [
+        _to_device(b if b.dtype == g.dtype else b.to(g.dtype), device)
+        for g, b in zip(plan.layout.groups, buffers, strict=True)
+    ]
+    return _leaf_views(plan, moved)

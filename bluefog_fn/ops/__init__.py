@@ -1,0 +1,36 @@
+"""Communication ops, one module per family."""
+
+from __future__ import annotations
+
+from .collective import (
+    allgather,
+    allgather_async,
+    barrier,
+    barrier_async,
+    broadcast,
+    broadcast_async,
+    global_mean,
+    global_mean_async,
+    global_sum,
+    global_sum_async,
+)
+from .handle import Handle
+from .neighbor import neighbor_gather, neighbor_gather_async, neighbor_mean, neighbor_mean_async
+
+__all__ = [
+    "Handle",
+    "allgather",
+    "allgather_async",
+    "barrier",
+    "barrier_async",
+    "broadcast",
+    "broadcast_async",
+    "global_mean",
+    "global_mean_async",
+    "global_sum",
+    "global_sum_async",
+    "neighbor_gather",
+    "neighbor_gather_async",
+    "neighbor_mean",
+    "neighbor_mean_async",
+]

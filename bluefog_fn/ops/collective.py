@@ -1,0 +1,260 @@
+"""Global ops: ``global_sum``, ``global_mean``, ``broadcast``, ``allgather``, ``barrier``.
+
+All leaves of a tree travel in one fused buffer per dtype.  float16/bfloat16 are reduced in
+float32 (MPI has no half types, and the sum of many halves loses too much).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..agreement import agree
+from ..backend.buffers import host_array
+from ..execute import pack, unpack
+from ..plan import CommPlan, check_rank_key
+from ..tracing import trace_collective
+from ..tree import Flat, flatten
+from ..world import World, current
+from .handle import Handle
+from .neighbor import resources
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _device(flat: Flat) -> torch.device:
+    return flat.tensors[0].device if flat.tensors else torch.device("cpu")
+
+
+def _start_reduce(world: World, fn: str, flat: Flat, mean: bool) -> tuple[CommPlan, Any, list[torch.Tensor]]:
+    for m in flat.metas:
+        if m.dtype == torch.bool or (mean and not (m.dtype.is_floating_point or m.dtype.is_complex)):
+            raise TypeError(f"{fn}: tree leaf {m.path} has dtype {m.dtype}, which {fn} does not support")
+    entry = trace_collective(world, fn, flat, world.rank)
+    plan: CommPlan = entry[0]
+    agree(world, fn, plan, entry)
+    bufs = pack(plan, flat.tensors, resources(world), upcast_half=True)
+    assert world.transport is not None
+    pendings = [world.transport.allreduce_sum(host_array(b)) for b in bufs]
+    return plan, pendings, bufs
+
+
+class _GlobalMeanFunction(torch.autograd.Function):
+    """global_mean is multiplication by 11ᵀ/n, which is symmetric: backward is global_mean."""
+
+    @staticmethod
+    def forward(ctx: Any, finish: Any, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        return tuple(finish())
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        return (None, *global_mean(list(grads)))
+
+
+def _reduce_async(tree: Any, fn: str, mean: bool) -> Handle[Any]:
+    world = current()
+    flat = flatten(tree, fn)
+    if world.simulated:
+        from ..sim import global_reduce_sim
+
+        return global_reduce_sim(world, flat, fn, mean)
+    plan, pendings, bufs = _start_reduce(world, fn, flat, mean)
+    device = _device(flat)
+
+    def finish_leaves() -> list[torch.Tensor]:
+        for p in pendings:
+            p.wait()
+        if mean:
+            for b in bufs:
+                b.div_(world.size)
+        return unpack(plan, bufs, device)
+
+    differentiable = mean and torch.is_grad_enabled() and any(t.requires_grad for t in flat.tensors)
+
+    def finish() -> Any:
+        leaves = _GlobalMeanFunction.apply(finish_leaves, *flat.tensors) if differentiable else finish_leaves()
+        return flat.unflatten(list(leaves))
+
+    return Handle(finish, lambda: all(p.done() for p in pendings))
+
+
+def global_sum_async(tree: Any) -> Handle[Any]:
+    """Start :func:`global_sum`."""
+    return _reduce_async(tree, "global_sum", mean=False)
+
+
+def global_sum(tree: Any) -> Any:
+    """Sum of ``tree`` over all ranks (allreduce), leaf by leaf; integer leaves allowed.
+
+    Example:
+        >>> import torch, bluefog_fn as bf
+        >>> bf.global_sum(torch.ones(2)).tolist() == [float(bf.size())] * 2
+        True
+    """
+    return global_sum_async(tree).wait()
+
+
+def global_mean_async(tree: Any) -> Handle[Any]:
+    """Start :func:`global_mean`."""
+    return _reduce_async(tree, "global_mean", mean=True)
+
+
+def global_mean(tree: Any) -> Any:
+    """Mean of ``tree`` over all ranks: ``(1/n) Σ_r x_r``, the centralised baseline; differentiable.
+
+    Example:
+        >>> import torch, bluefog_fn as bf
+        >>> bf.global_mean({"w": torch.ones(2)})["w"].tolist()
+        [1.0, 1.0]
+    """
+    return global_mean_async(tree).wait()
+
+
+def _check_root(fn: str, root: object, size: int) -> int:
+    return check_rank_key(fn, "root", root, size, None)
+
+
+def broadcast_async(tree: Any, root: int = 0) -> Handle[Any]:
+    """Start :func:`broadcast`."""
+    fn = "broadcast"
+    world = current()
+    root = _check_root(fn, root, world.size)
+    flat = flatten(tree, fn)
+    if world.simulated:
+        from ..sim import broadcast_sim
+
+        return broadcast_sim(world, flat, root)
+    entry = trace_collective(world, fn, flat, world.rank, root)
+    plan: CommPlan = entry[0]
+    agree(world, fn, plan, entry)
+    res = resources(world)
+    if world.rank == root:
+        bufs = pack(plan, flat.tensors, res)
+    else:
+        bufs = [res.pool.take(g.dtype, g.numel) for g in plan.layout.groups]
+    assert world.transport is not None
+    pendings = [world.transport.bcast(host_array(b), root) for b in bufs]
+    device = _device(flat)
+
+    def finish() -> Any:
+        for p in pendings:
+            p.wait()
+        return flat.unflatten(unpack(plan, bufs, device))
+
+    return Handle(finish, lambda: all(p.done() for p in pendings))
+
+
+def broadcast(tree: Any, root: int = 0) -> Any:
+    """Root's ``tree`` on every rank (every rank passes a tree of the same structure and shapes).
+
+    Example:
+        >>> import torch, bluefog_fn as bf
+        >>> bf.broadcast(torch.tensor([1.0, 2.0]), root=0).tolist()
+        [1.0, 2.0]
+    """
+    return broadcast_async(tree, root).wait()
+
+
+def allgather_async(tree: Any) -> Handle[Any]:
+    """Start :func:`allgather`."""
+    fn = "allgather"
+    world = current()
+    flat = flatten(tree, fn)
+    for m in flat.metas:
+        if not m.shape:
+            raise ValueError(f"allgather: tree leaf {m.path} is 0-d; allgather concatenates along dim 0")
+    if world.simulated:
+        from ..sim import allgather_sim
+
+        return allgather_sim(world, flat)
+    entry = trace_collective(world, fn, flat, world.rank)
+    plan: CommPlan = entry[0]
+    agree(world, fn, plan, entry, dim0_free=True)
+    assert world.transport is not None
+    res = resources(world)
+    n = world.size
+    # Every rank's first dimensions, so each can size and slice the gathered buffers.
+    dims = np.array([m.shape[0] for m in flat.metas], dtype=np.int64)
+    all_dims = np.empty(n * len(dims), dtype=np.int64)
+    world.transport.allgatherv(dims, all_dims, [len(dims)] * n).wait()
+    all_dims = all_dims.reshape(n, len(dims))
+    bufs = pack(plan, flat.tensors, res)
+    gathered = []
+    pendings = []
+    for g, b in zip(plan.layout.groups, bufs, strict=True):
+        row = [_row_numel(s.shape) for s in g.slots]
+        counts = [int(sum(all_dims[r, s.leaf] * row[k] for k, s in enumerate(g.slots))) for r in range(n)]
+        recv = res.pool.take(g.dtype, sum(counts))
+        pendings.append(world.transport.allgatherv(host_array(b), host_array(recv), counts))
+        gathered.append((g, recv, counts, row))
+    device = _device(flat)
+
+    def finish() -> Any:
+        for p in pendings:
+            p.wait()
+        outs: list[torch.Tensor | None] = [None] * len(flat.tensors)
+        for g, recv, counts, row in gathered:
+            starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+            total = [int(all_dims[:, s.leaf].sum()) * row[k] for k, s in enumerate(g.slots)]
+            out = res.pool.take(g.dtype, sum(total))
+            offset = 0
+            for k, s in enumerate(g.slots):
+                within = 0
+                for r in range(n):
+                    # Offset of leaf k inside rank r's contribution.
+                    before = int(sum(all_dims[r, g.slots[q].leaf] * row[q] for q in range(k)))
+                    piece = int(all_dims[r, s.leaf]) * row[k]
+                    src = int(starts[r]) + before
+                    out[offset + within : offset + within + piece].copy_(recv[src : src + piece])
+                    within += piece
+                shape = (int(all_dims[:, s.leaf].sum()), *s.shape[1:])
+                view = out[offset : offset + total[k]].view(shape)
+                outs[s.leaf] = view if device.type == "cpu" else view.to(device)
+                offset += total[k]
+        return flat.unflatten(outs)  # type: ignore[arg-type]
+
+    return Handle(finish, lambda: all(p.done() for p in pendings))
+
+
+def _row_numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape[1:]:
+        n *= d
+    return n
+
+
+def allgather(tree: Any) -> Any:
+    """Every rank's ``tree`` concatenated along dim 0 in rank order (first dims may differ).
+
+    Example:
+        >>> import torch, bluefog_fn as bf
+        >>> bf.allgather(torch.zeros(2, 3)).shape[0] == 2 * bf.size()
+        True
+    """
+    return allgather_async(tree).wait()
+
+
+def barrier_async() -> Handle[None]:
+    """Start :func:`barrier`."""
+    world = current()
+    if world.simulated or world.transport is None:
+        return Handle(lambda: None)
+    pending = world.transport.barrier()
+
+    def finish() -> None:
+        pending.wait()
+
+    return Handle(finish, pending.done)
+
+
+def barrier() -> None:
+    """Block until every rank reached the barrier (a no-op in a simulated world).
+
+    Example:
+        >>> import bluefog_fn as bf
+        >>> bf.barrier()
+    """
+    barrier_async().wait()

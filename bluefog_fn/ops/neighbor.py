@@ -1,0 +1,213 @@
+"""Neighbour ops: ``neighbor_mean`` (weighted mixing) and ``neighbor_gather``.
+
+Each op reads validate → trace (cached plan) → execute.  In a simulated world the same plans
+are executed for all agents at once by :mod:`bluefog_fn.sim`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from ..agreement import agree
+from ..execute import Exchange, Resources
+from ..plan import CommPlan
+from ..tracing import AnyTopology, check_step, trace_mix
+from ..tree import Flat, flatten
+from ..world import World, current
+from .handle import Handle
+
+SrcWeights = Mapping[int, float]
+DstWeights = Mapping[int, float] | Sequence[int]
+
+_FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def resources(world: World) -> Resources:
+    """The world's reusable buffers, created on first use."""
+    res = getattr(world, "_resources", None)
+    if res is None:
+        res = Resources()
+        world._resources = res  # type: ignore[attr-defined]
+    return res
+
+
+def _check_floating(fn: str, flat: Flat) -> None:
+    for m in flat.metas:
+        if m.dtype not in _FLOATING:
+            raise TypeError(f"{fn}: tree leaf {m.path} has dtype {m.dtype}; mixing needs floating-point leaves")
+
+
+class _MixFunction(torch.autograd.Function):
+    """Makes a mix differentiable: backward is the exchange along reversed edges (Wᵀ)."""
+
+    @staticmethod
+    def forward(ctx: Any, run: Any, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        ctx.run = run
+        return tuple(run.forward())
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        return (None, *ctx.run.backward(grads))
+
+
+class _MixRun:
+    """One mixing call on a process world, possibly in flight."""
+
+    def __init__(self, world: World, plan: CommPlan, tensors: Sequence[torch.Tensor]) -> None:
+        assert world.transport is not None
+        self.world = world
+        self.plan = plan
+        self.tensors = tensors
+        self.exchange = Exchange(world.transport, resources(world), plan, tensors)
+
+    def forward(self) -> list[torch.Tensor]:
+        return self.exchange.mix()
+
+    def backward(self, grads: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
+        full = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, self.tensors, strict=True)]
+        assert self.world.transport is not None
+        return Exchange(self.world.transport, resources(self.world), self.plan.reversed(), full).mix()
+
+
+def neighbor_mean_async(
+    tree: Any,
+    topology: AnyTopology | None,
+    step: int = 0,
+    *,
+    self_weight: float | None = None,
+    src_weights: SrcWeights | None = None,
+    dst_weights: DstWeights | None = None,
+) -> Handle[Any]:
+    """Start :func:`neighbor_mean`; ``.wait()`` on the handle returns its result.
+
+    Communication proceeds while the caller computes (e.g. the next gradient).
+
+    Example:
+        >>> import torch, bluefog_fn as bf
+        >>> h = bf.neighbor_mean_async({"w": torch.ones(3)}, bf.topology.ring(bf.size()))
+        >>> h.wait()["w"].tolist()
+        [1.0, 1.0, 1.0]
+    """
+    fn = "neighbor_mean"
+    world = current()
+    flat = flatten(tree, fn)
+    _check_floating(fn, flat)
+    step = check_step(fn, step)
+    if world.simulated:
+        from ..sim import neighbor_mean_sim
+
+        return neighbor_mean_sim(world, flat, topology, step, self_weight, src_weights, dst_weights)
+    entry = trace_mix(world, fn, flat, topology, step, world.rank, self_weight, src_weights, dst_weights)
+    plan: CommPlan = entry[0]
+    agree(world, fn, plan, entry)
+    tensors = flat.tensors
+    run = _MixRun(world, plan, tensors)
+    differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+    def finish() -> Any:
+        outs = _MixFunction.apply(run, *tensors) if differentiable else run.forward()
+        return flat.unflatten(list(outs))
+
+    return Handle(finish, run.exchange.done)
+
+
+def neighbor_mean(
+    tree: Any,
+    topology: AnyTopology | None,
+    step: int = 0,
+    *,
+    self_weight: float | None = None,
+    src_weights: SrcWeights | None = None,
+    dst_weights: DstWeights | None = None,
+) -> Any:
+    """Weighted average of ``tree`` with the in-neighbours' trees: one row of ``W @ X``.
+
+    On rank i, every tensor leaf becomes
+
+        x_i ← w_ii · x_i + Σ_{j ∈ in(i)} w_ij · s_ji · x_j
+
+    where ``w`` are the weights of ``topology.at(step)`` (receiver side) and ``s_ji`` the
+    sender-side scale (1 unless ``dst_weights`` says otherwise).  Per-call overrides follow
+    BlueFog: ``self_weight`` replaces w_ii; ``src_weights`` ``{rank: w}`` (with ``self_weight``)
+    reweights the in-neighbours; ``dst_weights`` (ranks or ``{rank: scale}``, with
+    ``self_weight`` and ``src_weights``) defines the call's own graph, ``topology`` may then be
+    ``None``.  All leaves travel fused; inputs are never modified; the output leaves are views
+    into one fresh buffer per dtype.  Differentiable: the gradient is ``Wᵀ @ G``.
+
+    Args:
+        tree: a pytree of floating tensors (``None`` leaves pass through).
+        topology: a static or dynamic ``bf.topology`` graph of ``bf.size()`` ranks.
+        step: which graph of a dynamic topology to use (``topology.at(step)``).
+
+    Example:
+        >>> import torch, bluefog_fn as bf
+        >>> out = bf.neighbor_mean({"w": torch.ones(2, 2)}, bf.topology.exponential_two(bf.size()))
+        >>> out["w"].sum().item()
+        4.0
+    """
+    return neighbor_mean_async(
+        tree, topology, step, self_weight=self_weight, src_weights=src_weights, dst_weights=dst_weights
+    ).wait()
+
+
+def neighbor_gather_async(
+    tree: Any,
+    topology: AnyTopology | None,
+    step: int = 0,
+    *,
+    src_weights: SrcWeights | None = None,
+    dst_weights: DstWeights | None = None,
+) -> Handle[dict[int, Any]]:
+    """Start :func:`neighbor_gather`."""
+    fn = "neighbor_gather"
+    world = current()
+    flat = flatten(tree, fn)
+    step = check_step(fn, step)
+    # Gathering has no self weight; a neutral one keeps the override rules of neighbor_mean.
+    self_weight = 1.0 if src_weights is not None else None
+    if world.simulated:
+        from ..sim import neighbor_gather_sim
+
+        return neighbor_gather_sim(world, flat, topology, step, src_weights, dst_weights)
+    entry = trace_mix(world, fn, flat, topology, step, world.rank, self_weight, src_weights, dst_weights)
+    plan: CommPlan = entry[0]
+    agree(world, fn, plan, entry)
+    assert world.transport is not None
+    exchange = Exchange(world.transport, resources(world), plan, flat.tensors)
+
+    wanted = None if src_weights is None else set(src_weights)
+
+    def finish() -> dict[int, Any]:
+        return {
+            src: flat.unflatten(leaves)
+            for src, leaves in exchange.gathered().items()
+            if wanted is None or src in wanted
+        }
+
+    return Handle(finish, exchange.done)
+
+
+def neighbor_gather(
+    tree: Any,
+    topology: AnyTopology | None,
+    step: int = 0,
+    *,
+    src_weights: SrcWeights | None = None,
+    dst_weights: DstWeights | None = None,
+) -> dict[int, Any]:
+    """The in-neighbours' trees, ``{rank: tree}`` (BlueFog's ``neighbor_allgather`` per source).
+
+    The sources are the in-neighbours of ``topology.at(step)``, or the keys of ``src_weights``
+    when ``dst_weights`` defines the call's own graph (weights are ignored: nothing is mixed).
+    Any dtype works.
+
+    Example:
+        >>> import torch, bluefog_fn as bf
+        >>> bf.neighbor_gather(torch.arange(3), bf.topology.ring(bf.size())) == {} or bf.size() > 1
+        True
+    """
+    return neighbor_gather_async(tree, topology, step, src_weights=src_weights, dst_weights=dst_weights).wait()

@@ -1,0 +1,150 @@
+"""Tracing: from a call's abstract signature to a cached :class:`~bluefog_fn.plan.CommPlan`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .plan import (
+    CommPlan,
+    build_layout,
+    canonical_dst_weights,
+    canonical_self_weight,
+    canonical_src_weights,
+    digest,
+    make_tag,
+)
+from .topology import DynamicTopology, Topology
+from .tree import Flat
+from .world import World
+
+AnyTopology = Topology | DynamicTopology
+
+
+def check_step(fn: str, step: object) -> int:
+    """``step`` must be a non-negative int (numpy/torch integer scalars are accepted)."""
+    if isinstance(step, bool):
+        raise TypeError(f"{fn}: step must be an int >= 0, got bool {step!r}")
+    try:
+        value = int(step)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        raise TypeError(f"{fn}: step must be an int >= 0, got {type(step).__name__} {step!r}") from None
+    if value != step or value < 0:
+        raise ValueError(f"{fn}: step must be an int >= 0, got {step!r}")
+    return value
+
+
+def graph_at(fn: str, topology: object, step: int, size: int) -> Topology:
+    """The static graph of ``topology`` at ``step``, checked against the world size."""
+    if not isinstance(topology, (Topology, DynamicTopology)):
+        raise TypeError(
+            f"{fn}: topology must be a bf.topology Topology or DynamicTopology, got "
+            f"{type(topology).__name__}"
+        )
+    if topology.size != size:
+        raise ValueError(f"{fn}: topology has size {topology.size} but the world has {size} ranks")
+    return topology.at(step)
+
+
+def mixing_weights(
+    fn: str,
+    graph: Topology | None,
+    rank: int,
+    size: int,
+    self_weight: float | None,
+    src_weights: Mapping[int, float] | None,
+    dst_weights: Mapping[int, float] | Sequence[int] | None,
+) -> tuple[float, tuple[tuple[int, float], ...], tuple[tuple[int, float], ...]]:
+    """``(self_weight, recvs, sends)`` of one rank, following BlueFog's override rules.
+
+    * no override: the graph's weights; this rank sends to its out-neighbours unscaled;
+    * ``self_weight`` alone: replaces the graph's self weight;
+    * ``src_weights`` (with ``self_weight``) alone: reweights the graph's in-neighbours; an
+      in-neighbour left out gets weight 0 (its message still arrives: the graph says it sends);
+    * ``dst_weights`` (with ``self_weight`` and ``src_weights``): a per-call graph — send to the
+      ``dst_weights`` ranks scaled by their values, receive from the ``src_weights`` ranks.
+    """
+    sw = canonical_self_weight(fn, self_weight)
+    src = canonical_src_weights(fn, src_weights, size, rank)
+    dst = canonical_dst_weights(fn, dst_weights, size, rank)
+    if src is not None and sw is None:
+        raise ValueError(f"{fn}: self_weight is required when src_weights is given (got self_weight=None)")
+    if dst is not None:
+        if src is None:
+            raise ValueError(
+                f"{fn}: dst_weights={dict(dst)} needs src_weights (and self_weight): a per-call "
+                "graph must say what each rank receives"
+            )
+        assert sw is not None
+        return sw, src, dst
+    if graph is None:
+        raise ValueError(f"{fn}: topology is None; pass a topology or both src_weights and dst_weights")
+    sends = tuple((d, 1.0) for d in graph.out_neighbors(rank))
+    in_weights = graph.recv_weights(rank)
+    if src is None:
+        recvs = tuple(sorted(in_weights.items()))
+    else:
+        extra = sorted(set(dict(src)) - set(in_weights))
+        if extra:
+            raise ValueError(
+                f"{fn}: src_weights names rank(s) {extra} that are not in-neighbours of rank {rank} "
+                f"(in-neighbours: {sorted(in_weights)}); pass dst_weights to change the graph"
+            )
+        given = dict(src)
+        recvs = tuple((j, given.get(j, 0.0)) for j in sorted(in_weights))
+    return (graph.self_weight(rank) if sw is None else sw), recvs, sends
+
+
+def _leaf_key(flat: Flat) -> tuple[Any, ...]:
+    return (flat.spec, tuple((m.shape, m.dtype, str(m.device)) for m in flat.metas))
+
+
+def trace_mix(
+    world: World,
+    op: str,
+    flat: Flat,
+    topology: AnyTopology | None,
+    step: int,
+    rank: int,
+    self_weight: float | None = None,
+    src_weights: Mapping[int, float] | None = None,
+    dst_weights: Mapping[int, float] | Sequence[int] | None = None,
+) -> list[Any]:
+    """The cache entry ``[plan, agreed]`` of a neighbour op on ``rank``."""
+    graph = None if topology is None and dst_weights is not None else graph_at(op, topology, step, world.size)
+    sw, recvs, sends = mixing_weights(op, graph, rank, world.size, self_weight, src_weights, dst_weights)
+    fingerprint = graph.fingerprint if graph is not None and dst_weights is None else None
+    key = (op, rank, _leaf_key(flat), fingerprint, sw, recvs, sends)
+
+    def build() -> CommPlan:
+        layout = build_layout(flat.metas)
+        sig = digest(op, _leaf_key(flat))
+        return CommPlan(
+            op=op,
+            rank=rank,
+            size=world.size,
+            layout=layout,
+            self_weight=sw,
+            recvs=recvs,
+            sends=sends,
+            step=step % topology.period if topology is not None and topology.period > 1 else None,
+            topology=fingerprint,
+            tag=make_tag(sig, fingerprint),
+            signature=sig,
+        )
+
+    return world.plans.lookup(key, build)
+
+
+def trace_collective(world: World, op: str, flat: Flat, rank: int, root: int | None = None) -> list[Any]:
+    """The cache entry ``[plan, agreed]`` of a global op (``global_*``, ``broadcast``, ``allgather``)."""
+    key = (op, rank, _leaf_key(flat), root)
+
+    def build() -> CommPlan:
+        sig = digest(op, _leaf_key(flat), root)
+        return CommPlan(
+            op=op, rank=rank, size=world.size, layout=build_layout(flat.metas), root=root,
+            tag=make_tag(sig), signature=sig,
+        )
+
+    return world.plans.lookup(key, build)

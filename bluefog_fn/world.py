@@ -1,0 +1,215 @@
+"""The world: who this process is, which transport it talks through, and its plan cache.
+
+This module holds the library's only mutable global: :data:`_CONTEXT`, the stack of active
+worlds.  ``bf.init`` pushes the process world; ``bf.simulate(n)`` pushes a simulated world on top
+and pops it on exit.  Nothing imports MPI until a world that needs it is created.
+
+Environment variables:
+
+* ``BLUEFOG_FN_TIMEOUT`` — seconds a rank waits for a peer before raising
+  :class:`~bluefog_fn.CommTimeoutError` (default 120).
+* ``BLUEFOG_FN_RANKS_PER_MACHINE`` — pretend every K consecutive ranks share one machine, so
+  hierarchical features can be exercised on a single host (``size`` must be a multiple of K).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .backend.local import LocalTransport
+from .backend.transport import Transport
+from .plan_cache import PlanCache
+
+BackendName = Literal["auto", "local", "mpi"]
+
+_MPI_ENV_KEYS = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")
+
+
+@dataclass
+class World:
+    """One communication world (a process world, or a simulated world of ``size`` agents)."""
+
+    backend: str
+    rank: int
+    size: int
+    local_rank: int
+    local_size: int
+    machine_rank: int
+    machine_size: int
+    transport: Transport | None
+    plans: PlanCache = field(default_factory=PlanCache)
+    # Signatures every rank has agreed on, so agreement runs once per signature.
+    agreed: set[Any] = field(default_factory=set)
+
+    @property
+    def simulated(self) -> bool:
+        """True inside ``bf.simulate(n)``: leaves carry a leading agent dimension."""
+        return self.backend == "sim"
+
+
+class _Context:
+    def __init__(self) -> None:
+        self.stack: list[World] = []
+
+
+_CONTEXT = _Context()
+
+
+def _timeout() -> float:
+    raw = os.environ.get("BLUEFOG_FN_TIMEOUT", "120")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"BLUEFOG_FN_TIMEOUT must be a number of seconds, got {raw!r}") from None
+    if not value > 0:
+        raise ValueError(f"BLUEFOG_FN_TIMEOUT must be positive, got {raw!r}")
+    return value
+
+
+def _ranks_per_machine(size: int) -> int | None:
+    raw = os.environ.get("BLUEFOG_FN_RANKS_PER_MACHINE")
+    if raw is None or raw == "":
+        return None
+    try:
+        k = int(raw)
+    except ValueError:
+        raise ValueError(f"BLUEFOG_FN_RANKS_PER_MACHINE must be an integer, got {raw!r}") from None
+    if k < 1 or size % k:
+        raise ValueError(
+            f"BLUEFOG_FN_RANKS_PER_MACHINE={k} must be >= 1 and divide the world size {size}"
+        )
+    return k
+
+
+def _under_mpiexec() -> bool:
+    return any(key in os.environ for key in _MPI_ENV_KEYS)
+
+
+def _make_local() -> World:
+    return World("local", 0, 1, 0, 1, 0, 1, LocalTransport())
+
+
+def _make_mpi() -> World:
+    from .backend import mpi  # deferred: importing mpi4py initializes MPI
+
+    comm = mpi.world_comm()
+    transport = mpi.MpiTransport(comm, _timeout())
+    rank, size = transport.rank, transport.size
+    k = _ranks_per_machine(size)
+    if k is None:
+        local_rank, local_size, machine_rank, machine_size = mpi.node_layout(comm)
+    else:
+        local_rank, local_size, machine_rank, machine_size = rank % k, k, rank // k, size // k
+    return World("mpi", rank, size, local_rank, local_size, machine_rank, machine_size, transport)
+
+
+def init(backend: BackendName = "auto") -> None:
+    """Start the process world; idempotent.
+
+    Args:
+        backend: ``"mpi"`` (the MPI world; the process must run under ``mpiexec``/``bfrun`` for
+            more than one rank), ``"local"`` (a world of one) or ``"auto"`` (MPI when launched by
+            mpiexec, else local).
+
+    Example:
+        >>> import bluefog_fn as bf
+        >>> bf.init()
+        >>> bf.size() >= 1
+        True
+    """
+    if backend not in ("auto", "local", "mpi"):
+        raise ValueError(f"init: backend must be 'auto', 'local' or 'mpi', got {backend!r}")
+    process = _process_world()
+    if process is not None:
+        if backend != "auto" and process.backend != backend:
+            raise ValueError(
+                f"init: the world is already initialized with backend {process.backend!r}; "
+                f"call bf.shutdown() before init(backend={backend!r})"
+            )
+        return
+    if backend == "mpi" or (backend == "auto" and _under_mpiexec()):
+        world = _make_mpi()
+    else:
+        world = _make_local()
+    _CONTEXT.stack.insert(0, world)
+
+
+def shutdown() -> None:
+    """Tear the process world down (its plan cache and private communicator go with it)."""
+    process = _process_world()
+    if process is None:
+        return
+    if _CONTEXT.stack[-1] is not process:
+        raise RuntimeError("shutdown: cannot shut down inside bf.simulate(...)")
+    free = getattr(process.transport, "free", None)
+    if free is not None:
+        free()
+    _CONTEXT.stack.clear()
+
+
+def _process_world() -> World | None:
+    return _CONTEXT.stack[0] if _CONTEXT.stack and _CONTEXT.stack[0].backend != "sim" else None
+
+
+def current() -> World:
+    """The innermost active world, initializing the process world on first use."""
+    if not _CONTEXT.stack:
+        init()
+    return _CONTEXT.stack[-1]
+
+
+def push(world: World) -> None:
+    """Make ``world`` current (used by ``bf.simulate``)."""
+    current()  # the process world always sits at the bottom of the stack
+    _CONTEXT.stack.append(world)
+
+
+def pop(world: World) -> None:
+    """Undo :func:`push`."""
+    if not _CONTEXT.stack or _CONTEXT.stack[-1] is not world:
+        raise RuntimeError("bf.simulate contexts must be exited in the reverse order of entry")
+    _CONTEXT.stack.pop()
+
+
+def rank() -> int:
+    """This process's rank in the current world (0 in a world of one).
+
+    Example:
+        >>> import bluefog_fn as bf
+        >>> 0 <= bf.rank() < bf.size()
+        True
+    """
+    return current().rank
+
+
+def size() -> int:
+    """Number of ranks (or simulated agents) in the current world.
+
+    Example:
+        >>> import bluefog_fn as bf
+        >>> bf.size() >= 1
+        True
+    """
+    return current().size
+
+
+def local_rank() -> int:
+    """Rank among the processes on this machine."""
+    return current().local_rank
+
+
+def local_size() -> int:
+    """Number of processes on this machine."""
+    return current().local_size
+
+
+def machine_rank() -> int:
+    """Index of this machine (machines are numbered by their lowest world rank)."""
+    return current().machine_rank
+
+
+def machine_size() -> int:
+    """Number of machines in the world."""
+    return current().machine_size

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The whole test suite: single-process tests, then the MPI tests at 2 and 4 ranks.
+# Every MPI run is bounded twice: per test (pytest-timeout) and per run (timeout(1)).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export BLUEFOG_FN_TIMEOUT="${BLUEFOG_FN_TIMEOUT:-60}"
+export PYTHONHASHSEED=0
+
+python -m pytest tests -q -p no:cacheprovider "$@"
+
+for np in 2 4; do
+    echo "=== MPI tests, ${np} ranks ==="
+    timeout 1500 bfrun -np "$np" python -m pytest tests/mpi -q -p no:cacheprovider \
+        -o addopts="--strict-markers" --timeout 240 -x "$@"
+done
