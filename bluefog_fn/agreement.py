@@ -1,8 +1,10 @@
 """First-call agreement: ranks check that they are making the same call before any data moves.
 
-Runs once per cached plan (see :class:`~bluefog_fn.plan_cache.PlanCache`): every rank publishes a
-small description of its call, every rank checks all of them with the same code, so a mismatch
-raises the same :class:`~bluefog_fn.MismatchError` everywhere instead of a deadlock.
+Runs once per call pattern (see :class:`~bluefog_fn.plan_cache.AgreedSet`), and on every call
+whose graph is given per call (``dst_weights``), since no rank can know whether the others' graph
+is new: every rank publishes a small description of its call, every rank checks all of them
+with the same code, so a mismatch raises the same :class:`~bluefog_fn.MismatchError` everywhere
+instead of a deadlock.
 """
 
 from __future__ import annotations
@@ -23,21 +25,33 @@ def _describe_leaves(plan: CommPlan, dim0_free: bool) -> tuple[Any, ...]:
     return tuple(sorted(out))
 
 
-def agree(world: World, fn: str, plan: CommPlan, entry: list[Any], *, dim0_free: bool = False) -> None:
-    """Check that every rank calls ``fn`` compatibly with ``plan``; mark ``entry`` agreed."""
-    if entry[1] or world.size == 1 or world.transport is None:
+def agreement_key(plan: CommPlan, per_call_graph: bool) -> Any:
+    """What all ranks share about a correct call; ``None`` means "agree on every call"."""
+    if per_call_graph:
+        return None
+    return (plan.op, plan.signature, plan.topology, plan.step, plan.root)
+
+
+def agree(world: World, fn: str, plan: CommPlan, *, per_call_graph: bool = False, dim0_free: bool = False) -> None:
+    """Check that every rank calls ``fn`` compatibly with ``plan`` (once per call pattern)."""
+    if world.size == 1 or world.transport is None:
+        return
+    key = agreement_key(plan, per_call_graph)
+    if key is not None and key in world.agreed:
         return
     mine = {
         "op": plan.op,
         "leaves": _describe_leaves(plan, dim0_free),
         "step": plan.step,
+        "topology": plan.topology,
         "root": plan.root,
         "sends": tuple(d for d, _ in plan.sends),
         "recvs": tuple(s for s, _ in plan.recvs),
     }
     everyone = world.transport.allgather_object(mine)
     _check(fn, everyone)
-    entry[1] = True
+    if key is not None:
+        world.agreed.add(key)
 
 
 def _check(fn: str, everyone: list[dict[str, Any]]) -> None:
@@ -47,6 +61,11 @@ def _check(fn: str, everyone: list[dict[str, Any]]) -> None:
             raise MismatchError(f"{fn}: rank 0 called {ref['op']} but rank {r} called {info['op']}")
         if info["leaves"] != ref["leaves"]:
             raise MismatchError(f"{fn}: {_leaf_difference(ref['leaves'], info['leaves'], r)}")
+        if info["topology"] != ref["topology"]:
+            raise MismatchError(
+                f"{fn}: rank 0 and rank {r} use different graphs (fingerprints {ref['topology']} and "
+                f"{info['topology']}); pass the same topology and step on every rank"
+            )
         for key in ("step", "root"):
             if info[key] != ref[key]:
                 raise MismatchError(f"{fn}: rank 0 passed {key}={ref[key]} but rank {r} passed {key}={info[key]}")

@@ -63,12 +63,11 @@ def trace(
             raise TypeError(f"trace: {name} takes no argument(s) {sorted(unknown)}")
         if name == "neighbor_gather" and kwargs.get("src_weights") is not None:
             kwargs.setdefault("self_weight", 1.0)
-        plan: CommPlan = trace_mix(world, name, flat, topology, step, who, **kwargs)[0]
-        return plan
+        return trace_mix(world, name, flat, topology, step, who, **kwargs)
     root = kwargs.pop("root", None)
     if kwargs:
         raise TypeError(f"trace: {name} takes no argument(s) {sorted(kwargs)}")
-    return trace_collective(world, name, flat, who, root)[0]  # type: ignore[no-any-return]
+    return trace_collective(world, name, flat, who, root, dim0_free=name == "allgather")
 
 
 def plan_cache_info() -> CacheInfo:
@@ -85,4 +84,6 @@ def plan_cache_info() -> CacheInfo:
 
 def plan_cache_clear() -> None:
     """Empty the current world's plan cache (plans are re-traced and re-agreed on next use)."""
-    current().plans.clear()
+    world = current()
+    world.plans.clear()
+    world.agreed.clear()

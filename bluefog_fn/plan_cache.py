@@ -19,29 +19,25 @@ class CacheInfo(NamedTuple):
 
 
 class PlanCache:
-    """LRU map from a call's signature to its plan, plus whether the ranks agreed on it.
-
-    The agreement flag lives with the entry so that an evicted plan is re-agreed when it comes
-    back; every rank runs the same sequence of calls, so every rank evicts the same entries.
-    """
+    """LRU map from a call's signature to its plan."""
 
     def __init__(self, maxsize: int = DEFAULT_MAXSIZE) -> None:
         if maxsize < 1:
             raise ValueError(f"PlanCache: maxsize must be >= 1, got {maxsize}")
         self.maxsize = maxsize
-        self._entries: OrderedDict[Any, list[Any]] = OrderedDict()
+        self._entries: OrderedDict[Any, Any] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
-    def lookup(self, key: Any, build: Callable[[], Any]) -> list[Any]:
-        """Return the entry ``[plan, agreed]`` for ``key``, building the plan on a miss."""
+    def lookup(self, key: Any, build: Callable[[], Any]) -> Any:
+        """Return the plan for ``key``, building it on a miss."""
         entry = self._entries.get(key)
         if entry is not None:
             self.hits += 1
             self._entries.move_to_end(key)
             return entry
         self.misses += 1
-        entry = [build(), False]
+        entry = build()
         self._entries[key] = entry
         if len(self._entries) > self.maxsize:
             self._entries.popitem(last=False)
@@ -54,3 +50,34 @@ class PlanCache:
         self._entries.clear()
         self.hits = 0
         self.misses = 0
+
+
+class AgreedSet:
+    """Bounded LRU set of call patterns every rank has agreed on.
+
+    A key is built only from what all ranks share when they call correctly (op, tree signature,
+    the graph's fingerprint at the step, root), never from a rank's own weights, so every rank
+    reaches the same verdict "already agreed" at the same call and runs the agreement
+    collective together.
+    """
+
+    def __init__(self, maxsize: int = DEFAULT_MAXSIZE) -> None:
+        self.maxsize = maxsize
+        self._keys: OrderedDict[Any, None] = OrderedDict()
+
+    def __contains__(self, key: Any) -> bool:
+        if key in self._keys:
+            self._keys.move_to_end(key)
+            return True
+        return False
+
+    def add(self, key: Any) -> None:
+        self._keys[key] = None
+        if len(self._keys) > self.maxsize:
+            self._keys.popitem(last=False)
+
+    def clear(self) -> None:
+        self._keys.clear()
+
+    def __len__(self) -> int:
+        return len(self._keys)

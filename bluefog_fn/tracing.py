@@ -109,8 +109,8 @@ def trace_mix(
     self_weight: float | None = None,
     src_weights: Mapping[int, float] | None = None,
     dst_weights: Mapping[int, float] | Sequence[int] | None = None,
-) -> list[Any]:
-    """The cache entry ``[plan, agreed]`` of a neighbour op on ``rank``."""
+) -> CommPlan:
+    """The (cached) plan of a neighbour op on ``rank``."""
     graph = None if topology is None and dst_weights is not None else graph_at(op, topology, step, world.size)
     sw, recvs, sends = mixing_weights(op, graph, rank, world.size, self_weight, src_weights, dst_weights)
     fingerprint = graph.fingerprint if graph is not None and dst_weights is None else None
@@ -133,18 +133,26 @@ def trace_mix(
             signature=sig,
         )
 
-    return world.plans.lookup(key, build)
+    plan: CommPlan = world.plans.lookup(key, build)
+    return plan
 
 
-def trace_collective(world: World, op: str, flat: Flat, rank: int, root: int | None = None) -> list[Any]:
-    """The cache entry ``[plan, agreed]`` of a global op (``global_*``, ``broadcast``, ``allgather``)."""
+def trace_collective(
+    world: World, op: str, flat: Flat, rank: int, root: int | None = None, *, dim0_free: bool = False
+) -> CommPlan:
+    """The (cached) plan of a global op (``global_*``, ``broadcast``, ``allgather``).
+
+    ``dim0_free``: the signature ignores first dimensions (``allgather`` lets them differ).
+    """
     key = (op, rank, _leaf_key(flat), root)
 
     def build() -> CommPlan:
-        sig = digest(op, _leaf_key(flat), root)
+        shared = (flat.spec, tuple((m.shape[1:], m.dtype) for m in flat.metas)) if dim0_free else _leaf_key(flat)
+        sig = digest(op, shared, root)
         return CommPlan(
             op=op, rank=rank, size=world.size, layout=build_layout(flat.metas), root=root,
             tag=make_tag(sig), signature=sig,
         )
 
-    return world.plans.lookup(key, build)
+    plan: CommPlan = world.plans.lookup(key, build)
+    return plan

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from .backend.local import LocalTransport
 from .backend.transport import Transport
-from .plan_cache import PlanCache
+from .plan_cache import AgreedSet, PlanCache
 
 BackendName = Literal["auto", "local", "mpi"]
 
@@ -40,8 +40,8 @@ class World:
     machine_size: int
     transport: Transport | None
     plans: PlanCache = field(default_factory=PlanCache)
-    # Signatures every rank has agreed on, so agreement runs once per signature.
-    agreed: set[Any] = field(default_factory=set)
+    # Call patterns every rank has agreed on, so agreement runs once per pattern.
+    agreed: AgreedSet = field(default_factory=AgreedSet)
 
     @property
     def simulated(self) -> bool:

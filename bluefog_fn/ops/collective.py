@@ -32,9 +32,8 @@ def _start_reduce(world: World, fn: str, flat: Flat, mean: bool) -> tuple[CommPl
     for m in flat.metas:
         if m.dtype == torch.bool or (mean and not (m.dtype.is_floating_point or m.dtype.is_complex)):
             raise TypeError(f"{fn}: tree leaf {m.path} has dtype {m.dtype}, which {fn} does not support")
-    entry = trace_collective(world, fn, flat, world.rank)
-    plan: CommPlan = entry[0]
-    agree(world, fn, plan, entry)
+    plan = trace_collective(world, fn, flat, world.rank)
+    agree(world, fn, plan)
     bufs = pack(plan, flat.tensors, resources(world), upcast_half=True)
     assert world.transport is not None
     pendings = [world.transport.allreduce_sum(host_array(b)) for b in bufs]
@@ -127,9 +126,8 @@ def broadcast_async(tree: Any, root: int = 0) -> Handle[Any]:
         from ..sim import broadcast_sim
 
         return broadcast_sim(world, flat, root)
-    entry = trace_collective(world, fn, flat, world.rank, root)
-    plan: CommPlan = entry[0]
-    agree(world, fn, plan, entry)
+    plan = trace_collective(world, fn, flat, world.rank, root)
+    agree(world, fn, plan)
     res = resources(world)
     if world.rank == root:
         bufs = pack(plan, flat.tensors, res)
@@ -170,9 +168,8 @@ def allgather_async(tree: Any) -> Handle[Any]:
         from ..sim import allgather_sim
 
         return allgather_sim(world, flat)
-    entry = trace_collective(world, fn, flat, world.rank)
-    plan: CommPlan = entry[0]
-    agree(world, fn, plan, entry, dim0_free=True)
+    plan = trace_collective(world, fn, flat, world.rank, dim0_free=True)
+    agree(world, fn, plan, dim0_free=True)
     assert world.transport is not None
     res = resources(world)
     n = world.size

@@ -101,9 +101,8 @@ def neighbor_mean_async(
         from ..sim import neighbor_mean_sim
 
         return neighbor_mean_sim(world, flat, topology, step, self_weight, src_weights, dst_weights)
-    entry = trace_mix(world, fn, flat, topology, step, world.rank, self_weight, src_weights, dst_weights)
-    plan: CommPlan = entry[0]
-    agree(world, fn, plan, entry)
+    plan = trace_mix(world, fn, flat, topology, step, world.rank, self_weight, src_weights, dst_weights)
+    agree(world, fn, plan, per_call_graph=dst_weights is not None)
     tensors = flat.tensors
     run = _MixRun(world, plan, tensors)
     differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
@@ -173,9 +172,8 @@ def neighbor_gather_async(
         from ..sim import neighbor_gather_sim
 
         return neighbor_gather_sim(world, flat, topology, step, src_weights, dst_weights)
-    entry = trace_mix(world, fn, flat, topology, step, world.rank, self_weight, src_weights, dst_weights)
-    plan: CommPlan = entry[0]
-    agree(world, fn, plan, entry)
+    plan = trace_mix(world, fn, flat, topology, step, world.rank, self_weight, src_weights, dst_weights)
+    agree(world, fn, plan, per_call_graph=dst_weights is not None)
     assert world.transport is not None
     exchange = Exchange(world.transport, resources(world), plan, flat.tensors)
 

@@ -13,7 +13,7 @@ def rank_tree(rank: int, seed: int = 0, dtype: torch.dtype = torch.float64) -> d
     g = torch.Generator().manual_seed(1000 * seed + rank)
 
     def r(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+        return torch.randn(tuple(shape), generator=g, dtype=torch.float64).to(dtype)
 
     return {"w": r(3, 4), "b": r(4), "scalar": r(), "nested": [r(2, 2, 2), (r(5), None)], "empty": r(0, 3)}
 

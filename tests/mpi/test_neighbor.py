@@ -210,7 +210,7 @@ def test_neighbor_mean_random_trees(
 
     def tree(r: int) -> list[torch.Tensor]:
         g = torch.Generator().manual_seed(seed * 131 + r)
-        return [torch.randn(s, generator=g, dtype=torch.float64).to(dtype) for s in shapes]
+        return [torch.randn(tuple(s), generator=g, dtype=torch.float64).to(dtype) for s in shapes]
 
     trees = [tree(r) for r in range(N)]
     out = bf.neighbor_mean(trees[ME], topo, step)
