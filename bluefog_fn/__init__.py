@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from . import topology
+from . import optim, topology
 from .backend.errors import CommError, CommTimeoutError, MismatchError
 from .inspect import plan_cache_clear, plan_cache_info, trace
 from .ops import (
@@ -27,6 +27,7 @@ from .ops import (
     neighbor_mean,
     neighbor_mean_async,
 )
+from .optim import broadcast_parameters
 from .plan import CommPlan
 from .plan_cache import CacheInfo
 from .world import init, local_rank, local_size, machine_rank, machine_size, rank, shutdown, size
@@ -47,6 +48,7 @@ __all__ = [
     "barrier_async",
     "broadcast",
     "broadcast_async",
+    "broadcast_parameters",
     "global_mean",
     "global_mean_async",
     "global_sum",
@@ -60,6 +62,7 @@ __all__ = [
     "neighbor_gather_async",
     "neighbor_mean",
     "neighbor_mean_async",
+    "optim",
     "plan_cache_clear",
     "plan_cache_info",
     "rank",

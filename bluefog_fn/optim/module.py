@@ -1,0 +1,234 @@
+"""``nn.Module`` + ``torch.optim`` front end: :class:`DecentralizedOptimizer` and broadcasts.
+
+``nn.Module`` and ``torch.optim.Optimizer`` are stateful objects, so this is the one place
+where the library updates tensors in place: the wrapper writes the averaged parameters back
+into the module, and :func:`broadcast_parameters` copies the root's values into a module.
+Everything still goes through the functional ops, and the arithmetic is the one of
+:func:`~bluefog_fn.optim.atc` / :func:`~bluefog_fn.optim.awc`, so a module trained with
+``torch.optim.SGD`` and the wrapper follows the same iterates as the functional algorithm.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from ..ops import broadcast
+from ..world import current
+from .algorithms import Mixing
+from .base import AnyTopology, Params, fail
+
+Style = Literal["atc", "awc"]
+
+
+def _process_world(fn: str) -> None:
+    if current().simulated:
+        raise TypeError(
+            f"{fn}: nn.Module and torch.optim objects hold one agent's tensors, which have no agent "
+            "dimension; inside bf.simulate(n) use the functional bf.optim algorithms on stacked trees"
+        )
+
+
+class DecentralizedOptimizer:
+    """Wraps a ``torch.optim`` optimizer so that ``step()`` also averages with the neighbours.
+
+    With ``x`` the module's trainable parameters and ``L(x)`` the wrapped optimizer's step:
+
+    * ``style="atc"`` (adapt-then-combine): ``x ← W · L(x)`` — the local step, then
+      :func:`bluefog_fn.neighbor_mean` of the result;
+    * ``style="awc"`` (adapt-with-combine): ``x ← W x + (L(x) − x)`` — the averaging of the
+      pre-step parameters is started asynchronously and runs while the local step is computed.
+
+    ``W`` comes from ``topology.at(round)``; ``communicate_every`` / ``global_every`` behave as
+    in :func:`~bluefog_fn.optim.atc` (iteration ``k`` communicates when ``k + 1`` is a multiple
+    of ``communicate_every``, and averages globally when it is a multiple of ``global_every``).
+    Buffers (e.g. batch-norm statistics) are not averaged, as in BlueFog.
+
+    Differences from BlueFog's ``DistributedAdaptThenCombineOptimizer`` & co.: one wrapper
+    with a ``style`` argument instead of a class per variant, no backward hooks and no mutable
+    flags — communication happens in ``step()`` only, so the call sequence is the same on
+    every rank by construction.
+
+    Args:
+        optimizer: a ``torch.optim.Optimizer`` over (a subset of) the module's parameters.
+        module: the ``nn.Module`` whose trainable parameters are averaged.
+        topology: a static or dynamic ``bf.topology`` graph of ``bf.size()`` ranks.
+        style: ``"atc"`` or ``"awc"``.
+        communicate_every: average only every ``k``-th step (local steps in between).
+        global_every: every ``m``-th step average globally instead.
+
+    Example:
+        >>> import torch, bluefog_fn as bf
+        >>> model = torch.nn.Linear(2, 1)
+        >>> _ = bf.broadcast_parameters(model, root=0)
+        >>> opt = bf.optim.DecentralizedOptimizer(
+        ...     torch.optim.SGD(model.parameters(), lr=0.1), model, bf.topology.ring(bf.size()))
+        >>> model(torch.ones(1, 2)).sum().backward()
+        >>> opt.step()
+        >>> opt.zero_grad()
+        >>> opt.steps
+        1
+
+    Reference:
+        Ying et al., "BlueFog: Make Decentralized Algorithms Practical for Optimization and Deep
+        Learning", arXiv:2111.04287, 2021.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        module: nn.Module,
+        topology: AnyTopology,
+        *,
+        style: Style = "atc",
+        communicate_every: int = 1,
+        global_every: int | None = None,
+    ) -> None:
+        fn = "DecentralizedOptimizer"
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"{fn}: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"{fn}: module must be a torch.nn.Module, got {type(module).__name__}")
+        if style not in ("atc", "awc"):
+            raise fail(fn, f"style must be 'atc' or 'awc', got {style!r}")
+        self._mixing = Mixing.checked(fn, topology, communicate_every, global_every)
+        _process_world(fn)
+        params = [p for p in module.parameters() if p.requires_grad]
+        for p in params:
+            if not p.is_floating_point():
+                raise TypeError(f"{fn}: module parameter of dtype {p.dtype} cannot be averaged")
+        self.optimizer = optimizer
+        self.module = module
+        self.style: Style = style
+        self._params = params
+        self._steps = 0
+
+    @property
+    def steps(self) -> int:
+        """Number of ``step()`` calls so far: the iteration index of the next one."""
+        return self._steps
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The wrapped optimizer's parameter groups (to change the learning rate, say)."""
+        return self.optimizer.param_groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the gradients (delegates to the wrapped optimizer)."""
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """One local step of the wrapped optimizer plus the averaging; returns the closure's loss."""
+        k = self._steps
+        params = self._params
+        if self.style == "awc":
+            with torch.no_grad():
+                # Clones: large leaves are sent straight from the given memory, and the local
+                # step below updates the parameters in place while the messages travel.
+                before = [p.detach().clone() for p in params]
+            handle = self._mixing.start(before, k)
+            loss = self.optimizer.step(closure)
+            mixed = handle.wait()
+            with torch.no_grad():
+                for p, b, m in zip(params, before, mixed, strict=True):
+                    p.copy_(m + (p - b))
+        else:
+            loss = self.optimizer.step(closure)
+            mixed = self._mixing.start([p.detach() for p in params], k).wait()
+            with torch.no_grad():
+                for p, m in zip(params, mixed, strict=True):
+                    p.copy_(m)
+        self._steps = k + 1
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped optimizer's state and the step count (the dynamic topology's position)."""
+        return {"optimizer": self.optimizer.state_dict(), "steps": self._steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        if not isinstance(state, dict) or set(state) != {"optimizer", "steps"}:
+            raise fail("DecentralizedOptimizer.load_state_dict", "state must be a dict from state_dict()")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self._steps = int(state["steps"])
+
+    def __repr__(self) -> str:
+        return (
+            f"DecentralizedOptimizer({type(self.optimizer).__name__}, style={self.style!r}, "
+            f"topology={self._mixing.topology!r}, communicate_every={self._mixing.communicate_every}, "
+            f"global_every={self._mixing.global_every})"
+        )
+
+
+def broadcast_parameters(params: nn.Module | Params, root: int = 0) -> Params:
+    """Give every rank the root's parameters, for a consistent start.
+
+    For a pytree this is :func:`bluefog_fn.broadcast`: a new tree is returned, the input is
+    untouched.  For an ``nn.Module`` its parameters and buffers are broadcast and **copied
+    into the module in place** — the one exception to purity in the library, because a module
+    is a stateful object — and the broadcast ``{name: tensor}`` dict is returned.
+
+    Args:
+        params: an ``nn.Module`` or a pytree of tensors (same structure on every rank).
+        root: the rank whose values everyone receives.
+
+    Returns:
+        The broadcast tree (for a module: ``{name: tensor}`` of parameters and buffers).
+
+    Example:
+        >>> import torch, bluefog_fn as bf
+        >>> bf.broadcast_parameters({"w": torch.ones(2)}, root=0)["w"].tolist()
+        [1.0, 1.0]
+    """
+    if not isinstance(params, nn.Module):
+        return broadcast(params, root)
+    _process_world("broadcast_parameters")
+    named: dict[str, torch.Tensor] = dict(params.named_parameters())
+    named.update(params.named_buffers())
+    received: dict[str, torch.Tensor] = broadcast({k: v.detach() for k, v in named.items()}, root)
+    with torch.no_grad():
+        for name, tensor in named.items():
+            tensor.copy_(received[name])
+    return received
+
+
+def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root: int = 0) -> None:
+    """Load the root's ``torch.optim`` state (buffers and hyper-parameters) on every rank.
+
+    The root's ``state_dict()`` travels serialised, so the other ranks need not have the same
+    state structure (e.g. the root restored a checkpoint, the others are fresh); their
+    optimizers must be over parameters of the same shapes.  Call it after
+    :func:`broadcast_parameters`.
+
+    Args:
+        optimizer: this rank's optimizer, modified in place (``load_state_dict``).
+        root: the rank whose state everyone receives.
+
+    Example:
+        >>> import torch, bluefog_fn as bf
+        >>> opt = torch.optim.Adam(torch.nn.Linear(2, 1).parameters(), lr=0.01)
+        >>> bf.optim.broadcast_optimizer_state(opt, root=0)
+        >>> opt.param_groups[0]["lr"]
+        0.01
+    """
+    fn = "broadcast_optimizer_state"
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"{fn}: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    _process_world(fn)
+    world = current()
+    payload = torch.zeros(0, dtype=torch.uint8)
+    if world.rank == root:
+        buf = io.BytesIO()
+        torch.save(optimizer.state_dict(), buf)
+        payload = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+    # The length first, so every rank passes a buffer of the root's shape.
+    length = broadcast(torch.tensor([payload.numel()], dtype=torch.int64), root)
+    if world.rank != root:
+        payload = torch.zeros(int(length.item()), dtype=torch.uint8)
+    received = broadcast(payload, root)
+    state = torch.load(io.BytesIO(received.numpy().tobytes()), map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state)
