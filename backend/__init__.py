@@ -12,6 +12,6 @@ optimizers.  Three pieces:
 from __future__ import annotations
 
 from .errors import CommError, CommTimeoutError, MismatchError
-from .transport import Pending, Transport
+from .transport import ExchangePending, Pending, Transport
 
-__all__ = ["CommError", "CommTimeoutError", "MismatchError", "Pending", "Transport"]
+__all__ = ["CommError", "CommTimeoutError", "ExchangePending", "MismatchError", "Pending", "Transport"]

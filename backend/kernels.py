@@ -20,12 +20,42 @@ import torch
 _NUMBA_CACHE = os.environ.get("NUMBA_CACHE_DIR") is not None or os.access(os.path.dirname(__file__), os.W_OK)
 
 
+# One kernel per small neighbour count: with the rows as separate 1-D arrays the loop body is a
+# straight-line expression LLVM vectorizes (measured 3x faster than a nested loop over a 2-D
+# receive buffer).  Every variant evaluates ws·x + w0·r0 + w1·r1 + ... left to right in float64
+# and rounds once, so all of them (and the simulator) produce the same bits.
 @numba.njit(cache=_NUMBA_CACHE, nogil=True, boundscheck=False)
-def _combine_nb(x, recv, weights, self_weight, out):  # type: ignore[no-untyped-def]
+def _combine0(x, ws, out):  # type: ignore[no-untyped-def]
+    for i in range(x.shape[0]):
+        out[i] = ws * np.float64(x[i])
+
+
+@numba.njit(cache=_NUMBA_CACHE, nogil=True, boundscheck=False)
+def _combine1(x, r0, w0, ws, out):  # type: ignore[no-untyped-def]
+    for i in range(x.shape[0]):
+        out[i] = ws * np.float64(x[i]) + w0 * np.float64(r0[i])
+
+
+@numba.njit(cache=_NUMBA_CACHE, nogil=True, boundscheck=False)
+def _combine2(x, r0, r1, w0, w1, ws, out):  # type: ignore[no-untyped-def]
+    for i in range(x.shape[0]):
+        out[i] = ws * np.float64(x[i]) + w0 * np.float64(r0[i]) + w1 * np.float64(r1[i])
+
+
+@numba.njit(cache=_NUMBA_CACHE, nogil=True, boundscheck=False)
+def _combine3(x, r0, r1, r2, w0, w1, w2, ws, out):  # type: ignore[no-untyped-def]
+    for i in range(x.shape[0]):
+        out[i] = (
+            ws * np.float64(x[i]) + w0 * np.float64(r0[i]) + w1 * np.float64(r1[i]) + w2 * np.float64(r2[i])
+        )
+
+
+@numba.njit(cache=_NUMBA_CACHE, nogil=True, boundscheck=False)
+def _combine_many(x, recv, weights, ws, out):  # type: ignore[no-untyped-def]
     n = x.shape[0]
     k = recv.shape[0]
     for i in range(n):
-        acc = self_weight * np.float64(x[i])
+        acc = ws * np.float64(x[i])
         for j in range(k):
             acc += weights[j] * np.float64(recv[j, i])
         out[i] = acc
@@ -47,8 +77,20 @@ def combine(
         [2.0, 2.0]
     """
     if x.dtype in _NUMBA_DTYPES and x.device.type == "cpu":
-        _combine_nb(x.numpy(), recv.numpy(), weights, float(self_weight), out.numpy())
+        xs, o, ws, k = x.numpy(), out.numpy(), float(self_weight), recv.shape[0]
+        if k == 0:
+            _combine0(xs, ws, o)
+        elif k == 1:
+            _combine1(xs, recv[0].numpy(), float(weights[0]), ws, o)
+        elif k == 2:
+            _combine2(xs, recv[0].numpy(), recv[1].numpy(), float(weights[0]), float(weights[1]), ws, o)
+        elif k == 3:
+            r = recv.numpy()
+            _combine3(xs, r[0], r[1], r[2], float(weights[0]), float(weights[1]), float(weights[2]), ws, o)
+        else:
+            _combine_many(xs, recv.numpy(), weights, ws, o)
         return
+    # Half types: float32 arithmetic in the same order, one rounding at the end.
     acc = x.to(torch.float32) * self_weight
     for j in range(recv.shape[0]):
         acc.add_(recv[j].to(torch.float32), alpha=float(weights[j]))
@@ -56,7 +98,8 @@ def combine(
 
 
 def warmup() -> None:
-    """Compile the kernels for float32 and float64 ahead of the first call."""
+    """Compile every kernel variant for float32 and float64 ahead of the first call."""
     for dtype in _NUMBA_DTYPES:
         x = torch.zeros(1, dtype=dtype)
-        combine(x, torch.zeros((1, 1), dtype=dtype), np.ones(1), 1.0, torch.empty_like(x))
+        for k in range(5):
+            combine(x, torch.zeros((k, 1), dtype=dtype), np.ones(k), 1.0, torch.empty_like(x))

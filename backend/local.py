@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -16,6 +16,9 @@ class _Done:
 
     def wait(self) -> None:
         return None
+
+    def completed(self) -> Iterator[int]:
+        return iter(())
 
 
 class LocalTransport:

@@ -7,60 +7,90 @@ dead or diverging peer becomes a :class:`CommTimeoutError` naming who is missing
 
 from __future__ import annotations
 
+import os
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
+import mpi4py
 import numpy as np
-from mpi4py import MPI
 
-from .errors import CommError, CommTimeoutError, MismatchError
+# mpi4py asks for MPI_THREAD_MULTIPLE by default; MPICH then guards every call with a global
+# lock and yields inside polls, which made a polled 1-element exchange 500x slower (1.2 ms vs
+# 2 us measured).  The library calls MPI from one thread at a time, so SERIALIZED is enough.
+# (Only effective when this module is the first to import mpi4py.MPI.)
+if "mpi4py.MPI" not in sys.modules:
+    mpi4py.rc.thread_level = os.environ.get("MPI4PY_RC_THREAD_LEVEL", "serialized")
 
-# After this long of busy polling a wait starts yielding the core; oversubscribed runs
-# (more ranks than cores) would otherwise starve the very peer they wait for.
-_SPIN_SECONDS = 2e-4
+from mpi4py import MPI  # noqa: E402  (must follow the rc setting above)
+
+from .errors import CommTimeoutError, MismatchError
+
+# Waits poll MPI: busy for the first _SPIN_SECONDS (latency), then yielding the core between polls
+# (oversubscribed runs would otherwise starve the very peer they wait for), then, for long waits,
+# sleeping briefly so an idle rank does not burn a core.
+_SPIN_SECONDS = 1e-3
+_YIELD_SECONDS = 5e-2
 
 
-def _wait_all(requests: list[MPI.Request], timeout: float, what: str, peers: Sequence[int]) -> list[MPI.Status]:
-    statuses = [MPI.Status() for _ in requests]
-    if not requests:
-        return statuses
-    start = time.perf_counter()
-    spins = 0
-    while not MPI.Request.Testall(requests, statuses):
-        now = time.perf_counter()
-        if now - start > timeout:
-            missing = sorted({p for p, r in zip(peers, requests, strict=True) if r != MPI.REQUEST_NULL})
-            for r in requests:
+class _Backoff:
+    """Paces a polling loop and enforces the deadline."""
+
+    __slots__ = ("start", "timeout", "what")
+
+    def __init__(self, timeout: float, what: str) -> None:
+        self.start = time.perf_counter()
+        self.timeout = timeout
+        self.what = what
+
+    def idle(self, pending: list[MPI.Request], peers: Sequence[int]) -> None:
+        """Called when a poll found nothing new; raises once the deadline passed."""
+        waited = time.perf_counter() - self.start
+        if waited > self.timeout:
+            missing = sorted({p for p, r in zip(peers, pending, strict=True) if r != MPI.REQUEST_NULL})
+            for r in pending:
                 if r != MPI.REQUEST_NULL:
                     try:
                         r.Cancel()
                     except MPI.Exception:  # pragma: no cover - cancel is best effort
                         pass
             raise CommTimeoutError(
-                f"{what}: no answer from rank(s) {missing} after {timeout:g} s; a peer died or the "
-                "ranks are calling different ops (set BLUEFOG_FN_TIMEOUT to change the limit)"
+                f"{self.what}: no answer from rank(s) {missing} after {self.timeout:g} s; a peer "
+                "died or the ranks are calling different ops (BLUEFOG_FN_TIMEOUT sets the limit)"
             )
-        spins += 1
-        if now - start > _SPIN_SECONDS:
-            time.sleep(0 if spins % 64 else 1e-4)
-    return statuses
+        if waited > _YIELD_SECONDS:
+            time.sleep(1e-4)
+        elif waited > _SPIN_SECONDS:
+            os.sched_yield()
+
+
+def _wait_all(requests: list[MPI.Request], timeout: float, what: str, peers: Sequence[int]) -> None:
+    if not requests:
+        return
+    backoff = _Backoff(timeout, what)
+    while not MPI.Request.Testall(requests):
+        backoff.idle(requests, peers)
 
 
 class _Exchange:
+    """Receives (first) and sends of one neighbour exchange, in flight."""
+
     def __init__(
         self,
-        requests: list[MPI.Request],
-        peers: list[int],
+        recv_reqs: list[MPI.Request],
+        sources: list[int],
         recv_bufs: list[np.ndarray],
-        n_recv: int,
+        send_reqs: list[MPI.Request],
+        dests: list[int],
         tag: int,
         timeout: float,
     ) -> None:
-        self._requests = requests
-        self._peers = peers
+        self._recv_reqs = recv_reqs
+        self._sources = sources
         self._recv_bufs = recv_bufs
-        self._n_recv = n_recv
+        self._send_reqs = send_reqs
+        self._dests = dests
         self._tag = tag
         self._timeout = timeout
         self._finished = False
@@ -68,32 +98,51 @@ class _Exchange:
     def done(self) -> bool:
         if self._finished:
             return True
-        return bool(MPI.Request.Testall([r for r in self._requests if r != MPI.REQUEST_NULL] or []))
+        return bool(MPI.Request.Testall(self._recv_reqs + self._send_reqs))
 
-    def wait(self) -> None:
+    def completed(self) -> Iterator[int]:
+        """Yield the index of each receive as it lands (checked), then finish the sends."""
         if self._finished:
             return
-        try:
-            statuses = _wait_all(self._requests, self._timeout, "neighbor exchange", self._peers)
-        except MPI.Exception as exc:
-            raise MismatchError(
-                f"neighbor exchange: a peer sent more data than expected ({exc}); ranks are "
-                "calling with different tree shapes or dtypes"
-            ) from exc
-        for peer, buf, status in zip(self._peers[: self._n_recv], self._recv_bufs, statuses, strict=False):
-            if status.Get_tag() != self._tag:
+        backoff = _Backoff(self._timeout, "neighbor exchange")
+        remaining = len(self._recv_reqs)
+        while remaining:
+            statuses = [MPI.Status() for _ in self._recv_reqs]
+            try:
+                indices = MPI.Request.Testsome(self._recv_reqs, statuses)
+            except MPI.Exception as exc:
                 raise MismatchError(
-                    f"neighbor exchange: rank {peer} sent a message for a different call "
-                    f"(tag {status.Get_tag()}, expected {self._tag}); ranks are calling different "
-                    "ops, trees, steps or topologies"
-                )
-            got = status.Get_count(MPI.BYTE)
-            if got != buf.nbytes:
-                raise MismatchError(
-                    f"neighbor exchange: rank {peer} sent {got} bytes where {buf.nbytes} were "
-                    "expected; ranks are calling with different tree shapes or dtypes"
-                )
+                    f"neighbor exchange: a peer sent more data than expected ({exc.Get_error_string()}); "
+                    "ranks are calling with different tree shapes or dtypes"
+                ) from exc
+            if not indices:
+                backoff.idle(self._recv_reqs, self._sources)
+                continue
+            for k, i in enumerate(indices):
+                self._check(i, statuses[k])
+                remaining -= 1
+                yield i
+        _wait_all(self._send_reqs, self._timeout, "neighbor exchange", self._dests)
         self._finished = True
+
+    def wait(self) -> None:
+        for _ in self.completed():
+            pass
+
+    def _check(self, i: int, status: MPI.Status) -> None:
+        peer, buf = self._sources[i], self._recv_bufs[i]
+        if status.Get_tag() != self._tag:
+            raise MismatchError(
+                f"neighbor exchange: rank {peer} sent a message for a different call "
+                f"(tag {status.Get_tag()}, expected {self._tag}); ranks are calling different "
+                "ops, trees, steps or topologies"
+            )
+        got = status.Get_count(MPI.BYTE)
+        if got != buf.nbytes:
+            raise MismatchError(
+                f"neighbor exchange: rank {peer} sent {got} bytes where {buf.nbytes} were "
+                "expected; ranks are calling with different tree shapes or dtypes"
+            )
 
 
 class _Collective:
@@ -145,18 +194,13 @@ class MpiTransport:
         recvs: Sequence[tuple[int, np.ndarray]],
         tag: int,
     ) -> _Exchange:
-        requests: list[MPI.Request] = []
-        peers: list[int] = []
-        recv_bufs: list[np.ndarray] = []
         # Receives first, so eager sends from fast peers land directly in their final buffer.
-        for src, buf in recvs:
-            requests.append(self.comm.Irecv([buf, MPI.BYTE], source=src, tag=MPI.ANY_TAG))
-            peers.append(src)
-            recv_bufs.append(buf)
-        for dst, buf in sends:
-            requests.append(self.comm.Isend([buf, MPI.BYTE], dest=dst, tag=tag))
-            peers.append(dst)
-        return _Exchange(requests, peers, recv_bufs, len(recvs), tag, self.timeout)
+        # ANY_TAG: a message meant for another call is received and reported, not left to hang.
+        recv_reqs = [self.comm.Irecv([buf, MPI.BYTE], source=src, tag=MPI.ANY_TAG) for src, buf in recvs]
+        send_reqs = [self.comm.Isend([buf, MPI.BYTE], dest=dst, tag=tag) for dst, buf in sends]
+        return _Exchange(
+            recv_reqs, [s for s, _ in recvs], [b for _, b in recvs], send_reqs, [d for d, _ in sends], tag, self.timeout
+        )
 
     def allreduce_sum(self, buf: np.ndarray) -> _Collective:
         req = self.comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM)

@@ -8,7 +8,7 @@ dead or diverging peer turns into :class:`~bluefog_fn.backend.CommTimeoutError` 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -26,6 +26,15 @@ class Pending(Protocol):
         ...
 
 
+class ExchangePending(Pending, Protocol):
+    """A neighbour exchange in flight; receives can be consumed as they land."""
+
+    def completed(self) -> Iterator[int]:
+        """Yield the index (into ``recvs``) of each receive as it completes, checked; then
+        finish the sends.  Lets the caller combine data while it is still in cache."""
+        ...
+
+
 class Transport(Protocol):
     """A communicator over ``size`` ranks, of which this process is ``rank``."""
 
@@ -38,7 +47,7 @@ class Transport(Protocol):
         sends: Sequence[tuple[int, np.ndarray]],
         recvs: Sequence[tuple[int, np.ndarray]],
         tag: int,
-    ) -> Pending:
+    ) -> ExchangePending:
         """Post every receive, then every send; ``recvs`` are filled in place.
 
         Each received message must carry ``tag`` and fill its buffer exactly, otherwise ``wait``

@@ -17,7 +17,7 @@ import torch
 
 from .backend.buffers import BufferPool, PinnedStaging, host_array
 from .backend.kernels import combine
-from .backend.transport import Pending, Transport
+from .backend.transport import ExchangePending, Transport
 from .plan import BufferGroup, CommPlan
 
 
@@ -87,10 +87,12 @@ class Exchange:
             self.recv.append(rbuf)
         # Messages to/from each peer go out in (group, segment) order on both sides; MPI keeps
         # messages between a pair of ranks in order, so they match one to one.
+        self.recv_segment: list[tuple[int, int]] = []  # receive index -> (group, segment)
         for j, (src, _) in enumerate(plan.recvs):
             for gi, g in enumerate(plan.layout.groups):
-                for seg in g.segments:
+                for si, seg in enumerate(g.segments):
                     recvs.append((src, host_array(self.recv[gi][j, seg.start : seg.stop])))
+                    self.recv_segment.append((gi, si))
         for dst, scale in plan.sends:
             for gi, _g in enumerate(plan.layout.groups):
                 for seg_x in self.x[gi]:
@@ -99,24 +101,37 @@ class Exchange:
                         keep.append(data)
                     sends.append((dst, host_array(data)))
         self._keep = keep
-        self.pending: Pending = transport.exchange(sends, recvs, plan.tag)
+        self.pending: ExchangePending = transport.exchange(sends, recvs, plan.tag)
 
     def done(self) -> bool:
         return self.pending.done()
 
     def mix(self) -> list[torch.Tensor]:
-        """Wait, then combine into fresh fused outputs; returns the output leaves."""
-        self.pending.wait()
-        self._keep = []
+        """Combine each segment into fresh fused outputs as soon as all its messages landed
+        (while they are still in cache); returns the output leaves."""
         plan = self.plan
         weights = np.array([w for _, w in plan.recvs], dtype=np.float64)
-        outs = []
-        for gi, g in enumerate(plan.layout.groups):
-            out = self.res.pool.take(g.dtype, g.numel)
-            for seg, seg_x in zip(g.segments, self.x[gi], strict=True):
-                combine(seg_x, self.recv[gi][:, seg.start : seg.stop], weights, plan.self_weight, out[seg.start : seg.stop])
-            outs.append(_to_device(out, self.device))
-        return _leaf_views(plan, outs)
+        outs = [self.res.pool.take(g.dtype, g.numel) for g in plan.layout.groups]
+        n_in = len(plan.recvs)
+
+        def combine_segment(gi: int, si: int) -> None:
+            seg = plan.layout.groups[gi].segments[si]
+            combine(self.x[gi][si], self.recv[gi][:, seg.start : seg.stop], weights, plan.self_weight, outs[gi][seg.start : seg.stop])
+
+        if n_in == 0:
+            self.pending.wait()
+            for gi, g in enumerate(plan.layout.groups):
+                for si in range(len(g.segments)):
+                    combine_segment(gi, si)
+        else:
+            arrived: dict[tuple[int, int], int] = {}
+            for i in self.pending.completed():
+                key = self.recv_segment[i]
+                arrived[key] = arrived.get(key, 0) + 1
+                if arrived[key] == n_in:
+                    combine_segment(*key)
+        self._keep = []
+        return _leaf_views(plan, [_to_device(o, self.device) for o in outs])
 
     def gathered(self) -> dict[int, list[torch.Tensor]]:
         """Wait, then return each source's leaves (views into the receive buffer)."""

@@ -95,8 +95,9 @@ def mixing_weights(
     return (graph.self_weight(rank) if sw is None else sw), recvs, sends
 
 
-def _leaf_key(flat: Flat) -> tuple[Any, ...]:
-    return (flat.spec, tuple((m.shape, m.dtype, str(m.device)) for m in flat.metas))
+def _shared_key(flat: Flat) -> tuple[Any, ...]:
+    """What every rank's tree must share: structure, shapes, dtypes (devices may differ)."""
+    return (flat.spec, tuple((tuple(t.shape), t.dtype) for t in flat.tensors))
 
 
 def trace_mix(
@@ -112,13 +113,20 @@ def trace_mix(
 ) -> CommPlan:
     """The (cached) plan of a neighbour op on ``rank``."""
     graph = None if topology is None and dst_weights is not None else graph_at(op, topology, step, world.size)
-    sw, recvs, sends = mixing_weights(op, graph, rank, world.size, self_weight, src_weights, dst_weights)
     fingerprint = graph.fingerprint if graph is not None and dst_weights is None else None
-    key = (op, rank, _leaf_key(flat), fingerprint, sw, recvs, sends)
+    if self_weight is None and src_weights is None and dst_weights is None:
+        # The common case: everything the plan depends on is in the graph's fingerprint, so a
+        # cache hit needs no weight resolution at all.
+        key: tuple[Any, ...] = (op, rank, flat.key, fingerprint)
+        resolved = None
+    else:
+        resolved = mixing_weights(op, graph, rank, world.size, self_weight, src_weights, dst_weights)
+        key = (op, rank, flat.key, fingerprint, *resolved)
 
     def build() -> CommPlan:
+        sw, recvs, sends = resolved or mixing_weights(op, graph, rank, world.size, None, None, None)
         layout = build_layout(flat.metas)
-        sig = digest(op, _leaf_key(flat))
+        sig = digest(op, _shared_key(flat))
         return CommPlan(
             op=op,
             rank=rank,
@@ -144,10 +152,10 @@ def trace_collective(
 
     ``dim0_free``: the signature ignores first dimensions (``allgather`` lets them differ).
     """
-    key = (op, rank, _leaf_key(flat), root)
+    key = (op, rank, flat.key, root)
 
     def build() -> CommPlan:
-        shared = (flat.spec, tuple((m.shape[1:], m.dtype) for m in flat.metas)) if dim0_free else _leaf_key(flat)
+        shared = (flat.spec, tuple((m.shape[1:], m.dtype) for m in flat.metas)) if dim0_free else _shared_key(flat)
         sig = digest(op, shared, root)
         return CommPlan(
             op=op, rank=rank, size=world.size, layout=build_layout(flat.metas), root=root,

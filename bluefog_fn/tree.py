@@ -3,10 +3,14 @@
 Leaves are tensors.  ``None`` leaves are carried through untouched and never communicated, so
 optional entries (a missing bias, say) do not need special casing.  Anything else that is not a
 tensor is an error naming its key path.
+
+Flattening is on every call's hot path, so key paths (only needed for plans and error messages)
+are computed lazily and cached per tree structure.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +18,9 @@ import torch
 from torch.utils import _pytree as pytree
 
 TreeSpec = pytree.TreeSpec
+
+_PATHS: OrderedDict[TreeSpec, tuple[str, ...]] = OrderedDict()
+_PATHS_MAX = 256
 
 
 @dataclass(frozen=True)
@@ -33,19 +40,52 @@ class LeafMeta:
         return n
 
 
-@dataclass(frozen=True)
-class Flat:
-    """A flattened tree: the tensor leaves, their metadata, and how to rebuild the tree."""
+def _paths(tree: Any, spec: TreeSpec) -> tuple[str, ...]:
+    """Key path of every leaf position of ``spec`` (cached per structure)."""
+    paths = _PATHS.get(spec)
+    if paths is None:
+        with_path, _ = pytree.tree_flatten_with_path(tree)
+        paths = tuple(pytree.keystr(kp) or "<root>" for kp, _ in with_path)
+        _PATHS[spec] = paths
+        if len(_PATHS) > _PATHS_MAX:
+            _PATHS.popitem(last=False)
+    return paths
 
-    spec: TreeSpec
-    tensors: tuple[torch.Tensor, ...]
-    metas: tuple[LeafMeta, ...]
-    # Position of each tensor in the full leaf list; the other positions hold None.
-    positions: tuple[int, ...]
-    n_leaves: int
+
+class Flat:
+    """A flattened tree: its tensor leaves and how to rebuild the tree around new ones."""
+
+    __slots__ = ("_metas", "_tree", "key", "n_leaves", "positions", "spec", "tensors")
+
+    def __init__(self, tree: Any, spec: TreeSpec, tensors: tuple[torch.Tensor, ...], positions: tuple[int, ...], n_leaves: int) -> None:
+        self._tree = tree
+        self.spec = spec
+        self.tensors = tensors
+        self.positions = positions
+        self.n_leaves = n_leaves
+        # What a plan depends on; cheap to build and to hash, used as the cache key.
+        self.key: tuple[Any, ...] = (spec, tuple((t.shape, t.dtype, t.device) for t in tensors))
+        self._metas: tuple[LeafMeta, ...] | None = None
+
+    def path(self, i: int) -> str:
+        """Key path of the i-th tensor leaf, e.g. ``['layer'][0].weight``."""
+        return _paths(self._tree, self.spec)[self.positions[i]]
+
+    @property
+    def metas(self) -> tuple[LeafMeta, ...]:
+        """Per tensor leaf: path, shape, dtype, device."""
+        if self._metas is None:
+            paths = _paths(self._tree, self.spec)
+            self._metas = tuple(
+                LeafMeta(paths[p], tuple(t.shape), t.dtype, t.device)
+                for p, t in zip(self.positions, self.tensors, strict=True)
+            )
+        return self._metas
 
     def unflatten(self, tensors: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> Any:
         """Rebuild the tree with ``tensors`` in place of the tensor leaves."""
+        if len(self.positions) == self.n_leaves:
+            return pytree.tree_unflatten(list(tensors), self.spec)
         leaves: list[Any] = [None] * self.n_leaves
         for pos, t in zip(self.positions, tensors, strict=True):
             leaves[pos] = t
@@ -61,20 +101,17 @@ def flatten(tree: Any, fn: str, arg: str = "tree") -> Flat:
         >>> [m.path for m in flat.metas], flat.metas[0].shape
         (["['w']"], (2, 3))
     """
-    with_path, spec = pytree.tree_flatten_with_path(tree)
+    leaves, spec = pytree.tree_flatten(tree)
     tensors: list[torch.Tensor] = []
-    metas: list[LeafMeta] = []
     positions: list[int] = []
-    for pos, (keypath, leaf) in enumerate(with_path):
-        if leaf is None:
-            continue
-        path = pytree.keystr(keypath) or "<root>"
-        if not isinstance(leaf, torch.Tensor):
+    for pos, leaf in enumerate(leaves):
+        if isinstance(leaf, torch.Tensor):
+            tensors.append(leaf)
+            positions.append(pos)
+        elif leaf is not None:
+            path = _paths(tree, spec)[pos]
             raise TypeError(
                 f"{fn}: {arg} leaf at {path} must be a torch.Tensor or None, got "
                 f"{type(leaf).__name__} {leaf!r:.60}"
             )
-        tensors.append(leaf)
-        metas.append(LeafMeta(path, tuple(leaf.shape), leaf.dtype, leaf.device))
-        positions.append(pos)
-    return Flat(spec, tuple(tensors), tuple(metas), tuple(positions), len(with_path))
+    return Flat(tree, spec, tuple(tensors), tuple(positions), len(leaves))

@@ -29,9 +29,9 @@ def _device(flat: Flat) -> torch.device:
 
 
 def _start_reduce(world: World, fn: str, flat: Flat, mean: bool) -> tuple[CommPlan, Any, list[torch.Tensor]]:
-    for m in flat.metas:
-        if m.dtype == torch.bool or (mean and not (m.dtype.is_floating_point or m.dtype.is_complex)):
-            raise TypeError(f"{fn}: tree leaf {m.path} has dtype {m.dtype}, which {fn} does not support")
+    for i, t in enumerate(flat.tensors):
+        if t.dtype == torch.bool or (mean and not (t.dtype.is_floating_point or t.dtype.is_complex)):
+            raise TypeError(f"{fn}: tree leaf {flat.path(i)} has dtype {t.dtype}, which {fn} does not support")
     plan = trace_collective(world, fn, flat, world.rank)
     agree(world, fn, plan)
     bufs = pack(plan, flat.tensors, resources(world), upcast_half=True)
@@ -161,9 +161,9 @@ def allgather_async(tree: Any) -> Handle[Any]:
     fn = "allgather"
     world = current()
     flat = flatten(tree, fn)
-    for m in flat.metas:
-        if not m.shape:
-            raise ValueError(f"allgather: tree leaf {m.path} is 0-d; allgather concatenates along dim 0")
+    for i, t in enumerate(flat.tensors):
+        if t.dim() == 0:
+            raise ValueError(f"allgather: tree leaf {flat.path(i)} is 0-d; allgather concatenates along dim 0")
     if world.simulated:
         from ..sim import allgather_sim
 
@@ -174,7 +174,7 @@ def allgather_async(tree: Any) -> Handle[Any]:
     res = resources(world)
     n = world.size
     # Every rank's first dimensions, so each can size and slice the gathered buffers.
-    dims = np.array([m.shape[0] for m in flat.metas], dtype=np.int64)
+    dims = np.array([t.shape[0] for t in flat.tensors], dtype=np.int64)
     all_dims = np.empty(n * len(dims), dtype=np.int64)
     world.transport.allgatherv(dims, all_dims, [len(dims)] * n).wait()
     all_dims = all_dims.reshape(n, len(dims))

@@ -35,9 +35,9 @@ def resources(world: World) -> Resources:
 
 
 def _check_floating(fn: str, flat: Flat) -> None:
-    for m in flat.metas:
-        if m.dtype not in _FLOATING:
-            raise TypeError(f"{fn}: tree leaf {m.path} has dtype {m.dtype}; mixing needs floating-point leaves")
+    for i, t in enumerate(flat.tensors):
+        if t.dtype not in _FLOATING:
+            raise TypeError(f"{fn}: tree leaf {flat.path(i)} has dtype {t.dtype}; mixing needs floating-point leaves")
 
 
 class _MixFunction(torch.autograd.Function):

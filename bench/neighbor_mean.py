@@ -1,0 +1,183 @@
+"""neighbor_mean against the floor and the alternatives, measured side by side in one run.
+
+    bfrun -np 2 python bench/neighbor_mean.py            # the unoversubscribed setting on 2 cores
+    bfrun -np 4 python bench/neighbor_mean.py --reps 5   # oversubscribed on 2 cores: distorted
+
+Rows, per payload (a ResNet-50-shaped tree of 161 float32 leaves, 25.6 M values; one 1 M-float
+tensor):
+
+* ``bf one-peer``  — ``bf.neighbor_mean(tree, one_peer_exponential_two(n), step)``;
+* ``floor``        — raw mpi4py ``Sendrecv`` of one pre-fused buffer with the same peer, then
+  ``(x + recv) / 2`` into a preallocated buffer: what a hand-written exchange costs at best;
+* ``mpi Allreduce``— mpi4py ``Allreduce`` of the pre-fused buffer, then ``/ n`` (global mean);
+* ``gloo allreduce`` — ``torch.distributed.all_reduce`` (gloo) of the fused tensor, then ``/ n``:
+  what DDP does per bucket;
+* ``naive per-leaf`` — a Python loop of ``Sendrecv`` + average per leaf.
+
+Times are medians over ``--reps`` timed calls after warm-up; every rank times the same calls and
+rank 0 prints.  Ratios are "row / floor" (lower is better).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import mpi4py
+
+# Same MPI thread level for every row (bluefog-fn's own setting; MULTIPLE makes polling slow).
+mpi4py.rc.thread_level = "serialized"
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from mpi4py import MPI  # noqa: E402
+
+import bluefog_fn as bf  # noqa: E402
+
+
+def resnet50_shapes() -> list[tuple[int, ...]]:
+    """Parameter shapes of ResNet-50 (conv weights, batch-norm weight/bias, fc): 161 tensors."""
+    shapes: list[tuple[int, ...]] = [(64, 3, 7, 7), (64,), (64,)]
+    in_ch = 64
+    for width, blocks in zip((64, 128, 256, 512), (3, 4, 6, 3), strict=True):
+        for b in range(blocks):
+            out_ch = width * 4
+            shapes += [(width, in_ch, 1, 1), (width,), (width,)]
+            shapes += [(width, width, 3, 3), (width,), (width,)]
+            shapes += [(out_ch, width, 1, 1), (out_ch,), (out_ch,)]
+            if b == 0:
+                shapes += [(out_ch, in_ch, 1, 1), (out_ch,), (out_ch,)]
+            in_ch = out_ch
+    shapes += [(1000, 2048), (1000,)]
+    return shapes
+
+
+def timed(fn: Callable[[], object], reps: int, comm: MPI.Comm) -> float:
+    """Median seconds per call; ranks start each call together."""
+    fn()
+    fn()
+    times = []
+    for _ in range(reps):
+        comm.Barrier()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    # The slowest rank's time is the step time.
+    return float(comm.allreduce(statistics.median(times), op=MPI.MAX))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--port", type=int, default=29533)
+    args = parser.parse_args()
+
+    bf.init()
+    comm = MPI.COMM_WORLD
+    rank, n = comm.Get_rank(), comm.Get_size()
+    topo = bf.topology.one_peer_exponential_two(n)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(args.port))
+    dist.init_process_group("gloo", rank=rank, world_size=n)
+
+    gen = torch.Generator().manual_seed(rank)
+    payloads = {
+        "resnet50 (161 leaves, 25.6M f32)": [torch.randn(s, generator=gen) for s in resnet50_shapes()],
+        "one tensor (1M f32)": [torch.randn(1_000_000, generator=gen)],
+    }
+    rows: list[tuple[str, str, float, float]] = []
+    for name, leaves in payloads.items():
+        fused = torch.cat([x.reshape(-1) for x in leaves])
+        recv = torch.empty_like(fused)
+        out = torch.empty_like(fused)
+        x_np, r_np, o_np = fused.numpy(), recv.numpy(), out.numpy()
+        state = {"step": 0}
+
+        def bf_one_peer() -> None:
+            step = state["step"]
+            state["step"] += 1
+            bf.neighbor_mean(leaves, topo, step)
+
+        def floor() -> None:
+            step = state["step"]
+            state["step"] += 1
+            if n == 1:
+                np.copyto(o_np, x_np)
+                return
+            k = 1 << (step % topo.period)
+            comm.Sendrecv(x_np, dest=(rank + k) % n, recvbuf=r_np, source=(rank - k) % n)
+            np.add(x_np, r_np, out=o_np)
+            np.multiply(o_np, 0.5, out=o_np)
+
+        def mpi_allreduce() -> None:
+            comm.Allreduce(x_np, o_np, op=MPI.SUM)
+            np.divide(o_np, n, out=o_np)
+
+        def gloo_allreduce() -> None:
+            out.copy_(fused)
+            dist.all_reduce(out)
+            out.div_(n)
+
+        def naive() -> None:
+            step = state["step"]
+            state["step"] += 1
+            k = 1 << (step % topo.period)
+            for leaf in leaves:
+                a = leaf.numpy()
+                r = np.empty_like(a)
+                if n > 1:
+                    comm.Sendrecv(a, dest=(rank + k) % n, recvbuf=r, source=(rank - k) % n)
+                else:
+                    r[...] = a
+                _ = (a + r) * 0.5
+
+        nbytes = fused.numel() * 4
+        base = timed(floor, args.reps, comm)
+        for label, fn in [
+            ("bf one-peer neighbor_mean", bf_one_peer),
+            ("floor: Sendrecv fused + average", floor),
+            ("mpi4py Allreduce mean", mpi_allreduce),
+            ("gloo all_reduce mean (DDP)", gloo_allreduce),
+            ("naive per-leaf Sendrecv loop", naive),
+        ]:
+            t = base if fn is floor else timed(fn, args.reps, comm)
+            rows.append((name, label, t, t / base))
+        if rank == 0:
+            print(f"# {name}: {nbytes / 2**20:.1f} MiB per rank", flush=True)
+
+    # Per-call overhead of a cached plan on a one-element tree, against a one-element Sendrecv.
+    tiny = {"x": torch.ones(1)}
+    one = np.ones(1, dtype=np.float32)
+    one_r = np.empty_like(one)
+    st = {"step": 0}
+
+    def bf_tiny() -> None:
+        st["step"] += 1
+        bf.neighbor_mean(tiny, topo, st["step"])
+
+    def floor_tiny() -> None:
+        st["step"] += 1
+        if n > 1:
+            k = 1 << (st["step"] % topo.period)
+            comm.Sendrecv(one, dest=(rank + k) % n, recvbuf=one_r, source=(rank - k) % n)
+
+    reps = max(args.reps * 40, 200)
+    t_bf = timed(bf_tiny, reps, comm)
+    t_floor = timed(floor_tiny, reps, comm)
+    dist.destroy_process_group()
+    if rank == 0:
+        print(f"\nneighbor_mean benchmark, {n} ranks ({'oversubscribed: distorted' if n > (os.cpu_count() or 1) else 'not oversubscribed'})")
+        print(f"{'payload':34} {'method':34} {'ms':>9} {'x floor':>8}")
+        for name, label, t, ratio in rows:
+            print(f"{name:34} {label:34} {t * 1e3:9.2f} {ratio:8.2f}")
+        print(f"\none-element tree: bf {t_bf * 1e6:.1f} us, floor {t_floor * 1e6:.1f} us, "
+              f"overhead {(t_bf - t_floor) * 1e6:.1f} us per call")
+        print(f"plan cache: {bf.plan_cache_info()}")
+
+
+if __name__ == "__main__":
+    main()
