@@ -242,6 +242,7 @@ def _awc(fn: str, optimizer: object, topology: object, communicate_every: object
     mixing = Mixing.checked(fn, topology, communicate_every, global_every)
 
     def init(params: Params) -> OptState:
+        flatten_params(fn, params)
         return AwcState(local.init(params))
 
     def step(params: Params, grads: Grads, state: OptState, step: int) -> tuple[Params, OptState]:
@@ -306,6 +307,7 @@ def atc(
     mixing = Mixing.checked(fn, topology, communicate_every, global_every)
 
     def init(params: Params) -> OptState:
+        flatten_params(fn, params)
         return AtcState(local.init(params))
 
     def step(params: Params, grads: Grads, state: OptState, step: int) -> tuple[Params, OptState]:
@@ -375,6 +377,7 @@ def gradient_tracking(
     _check_doubly_stochastic(fn, mixing.topology)
 
     def init(params: Params) -> OptState:
+        flatten_params(fn, params)
         zeros = tree_zeros_like(params)
         return GradientTrackingState(local.init(params), zeros, tree_zeros_like(params))
 
@@ -442,6 +445,7 @@ def exact_diffusion(optimizer: Transformation | ScalarOrSchedule, topology: AnyT
     _check_doubly_stochastic(fn, topo)
 
     def init(params: Params) -> OptState:
+        flatten_params(fn, params)
         # A copy: ψ^0 = x^0 must not change if the caller later updates its params in place.
         return ExactDiffusionState(local.init(params), tree_clone(params))
 
@@ -493,6 +497,7 @@ def allreduce(optimizer: Transformation | ScalarOrSchedule) -> Transformation:
     local = _local(fn, optimizer)
 
     def init(params: Params) -> OptState:
+        flatten_params(fn, params)
         return AllreduceState(local.init(params))
 
     def step(params: Params, grads: Grads, state: OptState, step: int) -> tuple[Params, OptState]:

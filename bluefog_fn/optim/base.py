@@ -16,6 +16,7 @@ named tuple of such trees, so it can be checkpointed with ``torch.save``/``torch
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Protocol, TypeAlias, cast
 
@@ -234,14 +235,14 @@ def graphs_of(topology: AnyTopology) -> Sequence[Topology]:
 
 
 def check_step(fn: str, step: object) -> int:
-    """The iteration number: an int ``>= 0`` (numpy/torch integer scalars accepted)."""
+    """The iteration number: an int ``>= 0`` (numpy/torch integer scalars accepted, floats not)."""
     if isinstance(step, bool):
         raise TypeError(f"{fn}: step must be an int >= 0, got bool {step!r}")
     try:
-        value: int = int(step)  # type: ignore[call-overload]
-    except (TypeError, ValueError):
+        value = operator.index(step)  # type: ignore[arg-type]
+    except TypeError:
         raise TypeError(f"{fn}: step must be an int >= 0, got {type(step).__name__} {step!r}") from None
-    if value != step or value < 0:
+    if value < 0:
         raise fail(fn, f"step must be an int >= 0, got {step!r}")
     return value
 
