@@ -7,6 +7,7 @@ dead or diverging peer becomes a :class:`CommTimeoutError` naming who is missing
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -23,7 +24,7 @@ import numpy as np
 if "mpi4py.MPI" not in sys.modules:
     mpi4py.rc.thread_level = os.environ.get("MPI4PY_RC_THREAD_LEVEL", "serialized")
 
-from mpi4py import MPI  # noqa: E402  (must follow the rc setting above)
+from mpi4py import MPI
 
 from .errors import CommTimeoutError, MismatchError
 
@@ -51,10 +52,8 @@ class _Backoff:
             missing = sorted({p for p, r in zip(peers, pending, strict=True) if r != MPI.REQUEST_NULL})
             for r in pending:
                 if r != MPI.REQUEST_NULL:
-                    try:
+                    with contextlib.suppress(MPI.Exception):  # cancel is best effort
                         r.Cancel()
-                    except MPI.Exception:  # pragma: no cover - cancel is best effort
-                        pass
             raise CommTimeoutError(
                 f"{self.what}: no answer from rank(s) {missing} after {self.timeout:g} s; a peer "
                 "died or the ranks are calling different ops (BLUEFOG_FN_TIMEOUT sets the limit)"

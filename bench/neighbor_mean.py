@@ -31,12 +31,12 @@ import mpi4py
 # Same MPI thread level for every row (bluefog-fn's own setting; MULTIPLE makes polling slow).
 mpi4py.rc.thread_level = "serialized"
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from mpi4py import MPI  # noqa: E402
+import numpy as np
+import torch
+import torch.distributed as dist
+from mpi4py import MPI
 
-import bluefog_fn as bf  # noqa: E402
+import bluefog_fn as bf
 
 
 def resnet50_shapes() -> list[tuple[int, ...]]:
@@ -70,6 +70,71 @@ def timed(fn: Callable[[], object], reps: int, comm: MPI.Comm) -> float:
     return float(comm.allreduce(statistics.median(times), op=MPI.MAX))
 
 
+def measure(
+    name: str, leaves: list[torch.Tensor], topo: bf.topology.DynamicTopology, comm: MPI.Comm, reps: int
+) -> list[tuple[str, str, float, float]]:
+    """Time every method on one payload; returns (payload, method, seconds, ratio to floor)."""
+    rank, n = comm.Get_rank(), comm.Get_size()
+    fused = torch.cat([x.reshape(-1) for x in leaves])
+    recv = torch.empty_like(fused)
+    out = torch.empty_like(fused)
+    x_np, r_np, o_np = fused.numpy(), recv.numpy(), out.numpy()
+    state = {"step": 0}
+
+    def next_peer() -> tuple[int, int]:
+        k = 1 << (state["step"] % topo.period)
+        state["step"] += 1
+        return (rank + k) % n, (rank - k) % n
+
+    def bf_one_peer() -> None:
+        bf.neighbor_mean(leaves, topo, state["step"])
+        state["step"] += 1
+
+    def floor() -> None:
+        dst, src = next_peer()
+        if n > 1:
+            comm.Sendrecv(x_np, dest=dst, recvbuf=r_np, source=src)
+        else:
+            np.copyto(r_np, x_np)
+        np.add(x_np, r_np, out=o_np)
+        np.multiply(o_np, 0.5, out=o_np)
+
+    def mpi_allreduce() -> None:
+        comm.Allreduce(x_np, o_np, op=MPI.SUM)
+        np.divide(o_np, n, out=o_np)
+
+    def gloo_allreduce() -> None:
+        out.copy_(fused)
+        dist.all_reduce(out)
+        out.div_(n)
+
+    def naive() -> None:
+        dst, src = next_peer()
+        for leaf in leaves:
+            a = leaf.numpy()
+            r = np.empty_like(a)
+            if n > 1:
+                comm.Sendrecv(a, dest=dst, recvbuf=r, source=src)
+            else:
+                r[...] = a
+            _ = (a + r) * 0.5
+
+    base = timed(floor, reps, comm)
+    rows = []
+    for label, fn in [
+        ("bf one-peer neighbor_mean", bf_one_peer),
+        ("floor: Sendrecv fused + average", floor),
+        ("mpi4py Allreduce mean", mpi_allreduce),
+        ("gloo all_reduce mean (DDP)", gloo_allreduce),
+        ("naive per-leaf Sendrecv loop", naive),
+    ]:
+        t = base if fn is floor else timed(fn, reps, comm)
+        rows.append((name, label, t, t / base))
+    if rank == 0:
+        print(f"# {name}: {fused.numel() * 4 / 2**20:.1f} MiB per rank", flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=15)
@@ -91,63 +156,7 @@ def main() -> None:
     }
     rows: list[tuple[str, str, float, float]] = []
     for name, leaves in payloads.items():
-        fused = torch.cat([x.reshape(-1) for x in leaves])
-        recv = torch.empty_like(fused)
-        out = torch.empty_like(fused)
-        x_np, r_np, o_np = fused.numpy(), recv.numpy(), out.numpy()
-        state = {"step": 0}
-
-        def bf_one_peer() -> None:
-            step = state["step"]
-            state["step"] += 1
-            bf.neighbor_mean(leaves, topo, step)
-
-        def floor() -> None:
-            step = state["step"]
-            state["step"] += 1
-            if n == 1:
-                np.copyto(o_np, x_np)
-                return
-            k = 1 << (step % topo.period)
-            comm.Sendrecv(x_np, dest=(rank + k) % n, recvbuf=r_np, source=(rank - k) % n)
-            np.add(x_np, r_np, out=o_np)
-            np.multiply(o_np, 0.5, out=o_np)
-
-        def mpi_allreduce() -> None:
-            comm.Allreduce(x_np, o_np, op=MPI.SUM)
-            np.divide(o_np, n, out=o_np)
-
-        def gloo_allreduce() -> None:
-            out.copy_(fused)
-            dist.all_reduce(out)
-            out.div_(n)
-
-        def naive() -> None:
-            step = state["step"]
-            state["step"] += 1
-            k = 1 << (step % topo.period)
-            for leaf in leaves:
-                a = leaf.numpy()
-                r = np.empty_like(a)
-                if n > 1:
-                    comm.Sendrecv(a, dest=(rank + k) % n, recvbuf=r, source=(rank - k) % n)
-                else:
-                    r[...] = a
-                _ = (a + r) * 0.5
-
-        nbytes = fused.numel() * 4
-        base = timed(floor, args.reps, comm)
-        for label, fn in [
-            ("bf one-peer neighbor_mean", bf_one_peer),
-            ("floor: Sendrecv fused + average", floor),
-            ("mpi4py Allreduce mean", mpi_allreduce),
-            ("gloo all_reduce mean (DDP)", gloo_allreduce),
-            ("naive per-leaf Sendrecv loop", naive),
-        ]:
-            t = base if fn is floor else timed(fn, args.reps, comm)
-            rows.append((name, label, t, t / base))
-        if rank == 0:
-            print(f"# {name}: {nbytes / 2**20:.1f} MiB per rank", flush=True)
+        rows += measure(name, leaves, topo, comm, args.reps)
 
     # Per-call overhead of a cached plan on a one-element tree, against a one-element Sendrecv.
     tiny = {"x": torch.ones(1)}

@@ -26,7 +26,7 @@ def check_step(fn: str, step: object) -> int:
     if isinstance(step, bool):
         raise TypeError(f"{fn}: step must be an int >= 0, got bool {step!r}")
     try:
-        value = int(step)  # type: ignore[call-overload]
+        value: int = int(step)  # type: ignore[call-overload]
     except (TypeError, ValueError):
         raise TypeError(f"{fn}: step must be an int >= 0, got {type(step).__name__} {step!r}") from None
     if value != step or value < 0:

@@ -112,7 +112,7 @@ def test_neighbor_mean_rejects_bad_input_before_sending() -> None:
         bf.neighbor_mean({"w": torch.ones(2, dtype=torch.int64)}, T.ring(bf.size()))
     with pytest.raises(TypeError, match=r"tree leaf at \['w'\]\[1\] must be a torch.Tensor or None, got str"):
         bf.neighbor_mean({"w": [torch.ones(1), "oops"]}, T.ring(bf.size()))
-    with pytest.raises(TypeError, match="topology must be a bf.topology"):
+    with pytest.raises(TypeError, match=r"topology must be a bf\.topology"):
         bf.neighbor_mean(x, "ring")  # type: ignore[arg-type]
 
 

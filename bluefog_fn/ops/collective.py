@@ -44,12 +44,12 @@ class _GlobalMeanFunction(torch.autograd.Function):
     """global_mean is multiplication by 11ᵀ/n, which is symmetric: backward is global_mean."""
 
     @staticmethod
-    def forward(ctx: Any, finish: Any, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+    def forward(ctx: Any, finish: Any, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(finish())
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:
         return (None, *global_mean(list(grads)))
 
 
@@ -74,7 +74,7 @@ def _reduce_async(tree: Any, fn: str, mean: bool) -> Handle[Any]:
     differentiable = mean and torch.is_grad_enabled() and any(t.requires_grad for t in flat.tensors)
 
     def finish() -> Any:
-        leaves = _GlobalMeanFunction.apply(finish_leaves, *flat.tensors) if differentiable else finish_leaves()
+        leaves = _GlobalMeanFunction.apply(finish_leaves, *flat.tensors) if differentiable else finish_leaves()  # type: ignore[no-untyped-call]
         return flat.unflatten(list(leaves))
 
     return Handle(finish, lambda: all(p.done() for p in pendings))
@@ -175,9 +175,9 @@ def allgather_async(tree: Any) -> Handle[Any]:
     n = world.size
     # Every rank's first dimensions, so each can size and slice the gathered buffers.
     dims = np.array([t.shape[0] for t in flat.tensors], dtype=np.int64)
-    all_dims = np.empty(n * len(dims), dtype=np.int64)
-    world.transport.allgatherv(dims, all_dims, [len(dims)] * n).wait()
-    all_dims = all_dims.reshape(n, len(dims))
+    gathered_dims = np.empty(n * len(dims), dtype=np.int64)
+    world.transport.allgatherv(dims, gathered_dims, [len(dims)] * n).wait()
+    all_dims = gathered_dims.reshape(n, len(dims))
     bufs = pack(plan, flat.tensors, res)
     gathered = []
     pendings = []

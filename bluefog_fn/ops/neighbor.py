@@ -44,13 +44,13 @@ class _MixFunction(torch.autograd.Function):
     """Makes a mix differentiable: backward is the exchange along reversed edges (Wᵀ)."""
 
     @staticmethod
-    def forward(ctx: Any, run: Any, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+    def forward(ctx: Any, run: Any, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         ctx.run = run
         return tuple(run.forward())
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:
         return (None, *ctx.run.backward(grads))
 
 
@@ -108,7 +108,7 @@ def neighbor_mean_async(
     differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
     def finish() -> Any:
-        outs = _MixFunction.apply(run, *tensors) if differentiable else run.forward()
+        outs = _MixFunction.apply(run, *tensors) if differentiable else run.forward()  # type: ignore[no-untyped-call]
         return flat.unflatten(list(outs))
 
     return Handle(finish, run.exchange.done)

@@ -164,10 +164,10 @@ def test_neighbor_mean_shape_mismatch_raises_on_every_rank() -> None:
 
 @pytest.mark.skipif(N < 2, reason="a mismatch needs two ranks")
 def test_neighbor_mean_dst_without_matching_src_raises_on_every_rank() -> None:
-    # Every rank sends to r+1 but claims to receive from r+1 as well (wrong for n > 2, and for
-    # n = 2 the weights differ from a valid call only by name: use a different tree instead).
+    # Every rank sends to r+1 but claims to receive from r+1 as well: inconsistent for n > 2.
+    # For n = 2 that graph is consistent, so the ranks pass different tree shapes instead.
     dst = [(ME + 1) % N]
-    src = {(ME + 1) % N: 0.5} if N > 2 else {(ME + 1) % N: 0.5}
+    src = {(ME + 1) % N: 0.5}
     x = torch.ones(2) if N > 2 else torch.ones(2 + ME)
     with pytest.raises(bf.MismatchError):
         bf.neighbor_mean(x, None, self_weight=0.5, src_weights=src, dst_weights=dst)
@@ -193,7 +193,7 @@ tree_shapes = st.lists(
 @settings(max_examples=15)
 @given(
     shapes=tree_shapes,
-    topo_name=st.sampled_from(sorted(STATIC) + ["one_peer", "base2"]),
+    topo_name=st.sampled_from([*sorted(STATIC), "one_peer", "base2"]),
     step=st.integers(0, 20),
     dtype=st.sampled_from([torch.float32, torch.float64]),
     seed=st.integers(0, 10_000),
