@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 from .backend.local import LocalTransport
 from .backend.transport import Transport
 from .plan_cache import AgreedSet, PlanCache
+from .timeline import Timeline, from_env
 
 BackendName = Literal["auto", "local", "mpi"]
 
@@ -42,6 +43,8 @@ class World:
     plans: PlanCache = field(default_factory=PlanCache)
     # Call patterns every rank has agreed on, so agreement runs once per pattern.
     agreed: AgreedSet = field(default_factory=AgreedSet)
+    # Op events for ``bfrun --timeline``; None (the default) costs one attribute check per op.
+    timeline: Timeline | None = None
 
     @property
     def simulated(self) -> bool:
@@ -88,7 +91,7 @@ def _under_mpiexec() -> bool:
 
 
 def _make_local() -> World:
-    return World("local", 0, 1, 0, 1, 0, 1, LocalTransport())
+    return World("local", 0, 1, 0, 1, 0, 1, LocalTransport(), timeline=from_env(0))
 
 
 def _make_mpi() -> World:
@@ -102,7 +105,9 @@ def _make_mpi() -> World:
         local_rank, local_size, machine_rank, machine_size = mpi.node_layout(comm)
     else:
         local_rank, local_size, machine_rank, machine_size = rank % k, k, rank // k, size // k
-    return World("mpi", rank, size, local_rank, local_size, machine_rank, machine_size, transport)
+    return World(
+        "mpi", rank, size, local_rank, local_size, machine_rank, machine_size, transport, timeline=from_env(rank)
+    )
 
 
 def init(backend: BackendName = "auto") -> None:
@@ -146,6 +151,8 @@ def shutdown() -> None:
     free = getattr(process.transport, "free", None)
     if free is not None:
         free()
+    if process.timeline is not None:
+        process.timeline.close()
     _CONTEXT.stack.clear()
 
 

@@ -18,7 +18,7 @@ from ..plan import CommPlan, check_rank_key
 from ..tracing import trace_collective
 from ..tree import Flat, flatten
 from ..world import World, current
-from .handle import Handle
+from .handle import Handle, tracked
 from .neighbor import resources
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -77,7 +77,7 @@ def _reduce_async(tree: Any, fn: str, mean: bool) -> Handle[Any]:
         leaves = _GlobalMeanFunction.apply(finish_leaves, *flat.tensors) if differentiable else finish_leaves()  # type: ignore[no-untyped-call]
         return flat.unflatten(list(leaves))
 
-    return Handle(finish, lambda: all(p.done() for p in pendings))
+    return tracked(world, fn, finish, lambda: all(p.done() for p in pendings))
 
 
 def global_sum_async(tree: Any) -> Handle[Any]:
@@ -142,7 +142,7 @@ def broadcast_async(tree: Any, root: int = 0) -> Handle[Any]:
             p.wait()
         return flat.unflatten(unpack(plan, bufs, device))
 
-    return Handle(finish, lambda: all(p.done() for p in pendings))
+    return tracked(world, fn, finish, lambda: all(p.done() for p in pendings))
 
 
 def broadcast(tree: Any, root: int = 0) -> Any:
@@ -213,7 +213,7 @@ def allgather_async(tree: Any) -> Handle[Any]:
                 offset += total[k]
         return flat.unflatten(outs)  # type: ignore[arg-type]
 
-    return Handle(finish, lambda: all(p.done() for p in pendings))
+    return tracked(world, fn, finish, lambda: all(p.done() for p in pendings))
 
 
 def _row_numel(shape: tuple[int, ...]) -> int:
@@ -244,7 +244,7 @@ def barrier_async() -> Handle[None]:
     def finish() -> None:
         pending.wait()
 
-    return Handle(finish, pending.done)
+    return tracked(world, "barrier", finish, pending.done)
 
 
 def barrier() -> None:

@@ -41,3 +41,18 @@ class Handle(Generic[T]):
 
     def __repr__(self) -> str:
         return f"Handle(done={self.done()})"
+
+
+def tracked(world: Any, name: str, finish: Callable[[], T], test: Callable[[], bool] | None = None) -> Handle[T]:
+    """A :class:`Handle` whose call-to-wait span is recorded on the world's timeline, if any."""
+    timeline = world.timeline
+    if timeline is None:
+        return Handle(finish, test)
+    start = timeline.now()
+
+    def finish_and_record() -> T:
+        result = finish()
+        timeline.record(name, start, timeline.now())
+        return result
+
+    return Handle(finish_and_record, test)

@@ -17,7 +17,7 @@ from ..plan import CommPlan
 from ..tracing import AnyTopology, check_step, trace_mix
 from ..tree import Flat, flatten
 from ..world import World, current
-from .handle import Handle
+from .handle import Handle, tracked
 
 SrcWeights = Mapping[int, float]
 DstWeights = Mapping[int, float] | Sequence[int]
@@ -111,7 +111,7 @@ def neighbor_mean_async(
         outs = _MixFunction.apply(run, *tensors) if differentiable else run.forward()  # type: ignore[no-untyped-call]
         return flat.unflatten(list(outs))
 
-    return Handle(finish, run.exchange.done)
+    return tracked(world, fn, finish, run.exchange.done)
 
 
 def neighbor_mean(
@@ -186,7 +186,7 @@ def neighbor_gather_async(
             if wanted is None or src in wanted
         }
 
-    return Handle(finish, exchange.done)
+    return tracked(world, fn, finish, exchange.done)
 
 
 def neighbor_gather(
