@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from . import optim, topology
+from . import optim, sim, topology
 from .backend.errors import CommError, CommTimeoutError, MismatchError
 from .inspect import plan_cache_clear, plan_cache_info, trace
 from .ops import (
@@ -22,6 +22,8 @@ from .ops import (
     global_mean_async,
     global_sum,
     global_sum_async,
+    hierarchical_neighbor_mean,
+    hierarchical_neighbor_mean_async,
     neighbor_gather,
     neighbor_gather_async,
     neighbor_mean,
@@ -30,6 +32,7 @@ from .ops import (
 from .optim import broadcast_parameters
 from .plan import CommPlan
 from .plan_cache import CacheInfo
+from .sim import simulate
 from .world import init, local_rank, local_size, machine_rank, machine_size, rank, shutdown, size
 
 __version__ = "0.1.0"
@@ -53,6 +56,8 @@ __all__ = [
     "global_mean_async",
     "global_sum",
     "global_sum_async",
+    "hierarchical_neighbor_mean",
+    "hierarchical_neighbor_mean_async",
     "init",
     "local_rank",
     "local_size",
@@ -67,6 +72,8 @@ __all__ = [
     "plan_cache_info",
     "rank",
     "shutdown",
+    "sim",
+    "simulate",
     "size",
     "topology",
     "trace",

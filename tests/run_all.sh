@@ -13,3 +13,7 @@ for np in 2 4; do
     timeout 1500 bfrun -np "$np" python -m pytest tests/mpi -q -p no:cacheprovider \
         -o addopts="--strict-markers" --timeout 240 -x "$@"
 done
+
+echo "=== hierarchical ops, 4 ranks as 2 machines of 2 ==="
+BLUEFOG_FN_RANKS_PER_MACHINE=2 timeout 600 bfrun -np 4 python -m pytest tests/mpi/test_hierarchical.py \
+    -q -p no:cacheprovider -o addopts="--strict-markers" --timeout 240 -x "$@"
