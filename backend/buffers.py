@@ -23,31 +23,37 @@ def host_array(t: torch.Tensor) -> np.ndarray:
 
 
 class PinnedStaging:
-    """Reusable page-locked host buffers, keyed by (purpose, dtype, numel); bounded LRU.
+    """Reusable page-locked host buffers for CUDA tensors, handed out one owner at a time.
 
-    CUDA tensors are copied into these before MPI sees them (the MPI here is not CUDA-aware) and
-    results are copied back; reuse avoids re-pinning memory on every call, which costs far more
-    than the copy itself.
+    CUDA tensors are copied into these before MPI sees them (the MPI here is not CUDA-aware).
+    Pinning is far more expensive than the copy, so buffers are kept: ``acquire`` takes one off the
+    free list (or pins a new one) and ``release`` puts it back once the exchange that used it has
+    completed, so an async op in flight never shares its staging with a later call.  At most
+    ``max_free`` buffers are kept.
     """
 
-    def __init__(self, max_buffers: int = 64) -> None:
-        self.max_buffers = max_buffers
-        self._buffers: OrderedDict[tuple[str, torch.dtype, int], torch.Tensor] = OrderedDict()
+    def __init__(self, max_free: int = 16) -> None:
+        self.max_free = max_free
+        self._free: OrderedDict[tuple[torch.dtype, int], list[torch.Tensor]] = OrderedDict()
+        self.pinned = 0
 
-    def get(self, purpose: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
-        key = (purpose, dtype, numel)
-        buf = self._buffers.get(key)
-        if buf is None:
-            buf = torch.empty(numel, dtype=dtype, pin_memory=torch.cuda.is_available())
-            self._buffers[key] = buf
-            if len(self._buffers) > self.max_buffers:
-                self._buffers.popitem(last=False)
-        else:
-            self._buffers.move_to_end(key)
-        return buf
+    def acquire(self, dtype: torch.dtype, numel: int) -> torch.Tensor:
+        """A 1-D pinned (when CUDA is available) host tensor nobody else holds."""
+        stack = self._free.get((dtype, numel))
+        if stack:
+            return stack.pop()
+        self.pinned += 1
+        return torch.empty(numel, dtype=dtype, pin_memory=torch.cuda.is_available())
 
-    def __len__(self) -> int:
-        return len(self._buffers)
+    def release(self, buf: torch.Tensor) -> None:
+        """Return ``buf`` (from :meth:`acquire`) once no operation uses it any more."""
+        if self.free_count >= self.max_free:
+            return
+        self._free.setdefault((buf.dtype, buf.numel()), []).append(buf)
+
+    @property
+    def free_count(self) -> int:
+        return sum(len(v) for v in self._free.values())
 
 
 class BufferPool:

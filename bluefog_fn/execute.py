@@ -30,13 +30,14 @@ class Resources:
 
 
 def _host_segments(
-    group: BufferGroup, tensors: Sequence[torch.Tensor], res: Resources, purpose: str
+    group: BufferGroup, tensors: Sequence[torch.Tensor], res: Resources
 ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-    """One 1-D host tensor per segment of ``group`` (views of the caller's memory when possible)."""
+    """One 1-D host tensor per segment of ``group`` (views of the caller's memory when possible),
+    and the pinned staging buffer used for device tensors (to release after the exchange)."""
     device = tensors[group.slots[0].leaf].device if group.slots else torch.device("cpu")
     if device.type != "cpu":
         # One device→host copy of the whole group into a reused pinned buffer.
-        staged = res.staging.get(purpose, group.dtype, group.numel)
+        staged = res.staging.acquire(group.dtype, group.numel)
         for s in group.slots:
             staged[s.offset : s.offset + s.numel].copy_(tensors[s.leaf].detach().reshape(-1), non_blocking=True)
         torch.cuda.synchronize(device)
@@ -80,9 +81,12 @@ class Exchange:
         sends: list[tuple[int, np.ndarray]] = []
         recvs: list[tuple[int, np.ndarray]] = []
         n_in = len(plan.recvs)
-        for gi, g in enumerate(plan.layout.groups):
-            segs, _ = _host_segments(g, tensors, res, f"send{gi}")
+        self.staged: list[torch.Tensor] = []
+        for g in plan.layout.groups:
+            segs, staged = _host_segments(g, tensors, res)
             self.x.append(segs)
+            if staged is not None:
+                self.staged.append(staged)
             rbuf = res.pool.take(g.dtype, n_in * g.numel).view(n_in, g.numel)
             self.recv.append(rbuf)
         # Messages to/from each peer go out in (group, segment) order on both sides; MPI keeps
@@ -130,13 +134,21 @@ class Exchange:
                 arrived[key] = arrived.get(key, 0) + 1
                 if arrived[key] == n_in:
                     combine_segment(*key)
-        self._keep = []
+        self._release()
         return _leaf_views(plan, [_to_device(o, self.device) for o in outs])
+
+    def _release(self) -> None:
+        """The exchange is complete: scaled copies and staging buffers may be reused."""
+        self._keep = []
+        self.x = []
+        for buf in self.staged:
+            self.res.staging.release(buf)
+        self.staged = []
 
     def gathered(self) -> dict[int, list[torch.Tensor]]:
         """Wait, then return each source's leaves (views into the receive buffer)."""
         self.pending.wait()
-        self._keep = []
+        self._release()
         result = {}
         for j, (src, _) in enumerate(self.plan.recvs):
             bufs = [_to_device(r[j], self.device) for r in self.recv]

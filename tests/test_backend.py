@@ -81,13 +81,16 @@ def test_host_array_views_without_copy() -> None:
     assert host_array(torch.ones(3, dtype=torch.bool)).dtype == np.uint8
 
 
-def test_pinned_staging_reuses_and_bounds() -> None:
-    staging = PinnedStaging(max_buffers=2)
-    a = staging.get("send", torch.float32, 8)
-    assert staging.get("send", torch.float32, 8) is a
-    staging.get("recv", torch.float32, 8)
-    staging.get("out", torch.float32, 8)
-    assert len(staging) == 2
+def test_pinned_staging_never_hands_out_a_buffer_twice() -> None:
+    staging = PinnedStaging(max_free=2)
+    a = staging.acquire(torch.float32, 8)
+    b = staging.acquire(torch.float32, 8)  # a is still in use
+    assert a.data_ptr() != b.data_ptr() and staging.pinned == 2
+    staging.release(a)
+    assert staging.acquire(torch.float32, 8) is a
+    for buf in [b, *(staging.acquire(torch.float64, 4) for _ in range(3))]:
+        staging.release(buf)
+    assert staging.free_count == 2
 
 
 def test_local_transport_refuses_peers() -> None:
