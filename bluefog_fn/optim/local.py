@@ -35,7 +35,11 @@ from .base import (
 
 
 class SgdState(NamedTuple):
-    """State of :func:`sgd`: the momentum buffers (a tree like the params), ``None`` without momentum."""
+    """State of :func:`sgd`: the momentum buffers (a tree like the params).
+
+    Without momentum it is ``()``, a tree without leaves (not ``None``, which
+    ``torch.func.vmap`` — and so ``bf.sim.vmap`` — would reject as an input).
+    """
 
     momentum: Any
 
@@ -101,7 +105,7 @@ def sgd(
 
     def init(params: Params) -> OptState:
         flatten_params(fn, params)
-        return SgdState(tree_zeros_like(params) if mu else None)
+        return SgdState(tree_zeros_like(params) if mu else ())
 
     def step(params: Params, grads: Grads, state: OptState, step: int) -> tuple[Params, OptState]:
         step = check_step(fn, step)
@@ -125,7 +129,7 @@ def sgd(
                     d = d + mu * b if nesterov else b
                 new_x.append(x - gamma * d)
                 new_b.append(b)
-        new_state = SgdState(pytree.tree_unflatten(new_b, spec) if mu else None)
+        new_state = SgdState(pytree.tree_unflatten(new_b, spec) if mu else ())
         return finish(new_x, xs, spec), new_state
 
     return Transformation(init, step)
