@@ -254,15 +254,16 @@ def test_kernels_numba_torch_and_backend_combine_agree_bitwise(n: int, m: int, s
         assert torch.equal(out_nb[i], ref), f"agent {i}"
 
 
-def test_kernel_large_rows_cross_blocks_and_chunks() -> None:
-    """Rows longer than a parallel block and degrees above the streaming special cases."""
-    n = 5
-    x = torch.randn(n, kernels._BLOCK + 3 * kernels._CHUNK + 17, generator=torch.Generator().manual_seed(0))
-    t = T.fully_connected(n)
-    with bf.simulate(n):
-        out = bf.neighbor_mean(x, t)
-    torch.testing.assert_close(out, dense(t.mixing_matrix(), x).float(), rtol=2e-7, atol=1e-7)
-    op = _random_plans_op(n, 3, scaled=False)
+@pytest.mark.parametrize("scaled", [False, True])
+def test_kernel_parallel_path_equals_torch_path_bitwise(scaled: bool) -> None:
+    """Inputs large enough for the parallel kernel, rows not a multiple of a block or a chunk,
+    degrees 0..8 (both the streaming and the accumulator paths)."""
+    n = 9
+    m = kernels._PARALLEL_MIN // n + kernels._BLOCK // 2 + 17
+    assert n * m >= kernels._PARALLEL_MIN and m % kernels._BLOCK and m % kernels._CHUNK
+    x = torch.randn(n, m, generator=torch.Generator().manual_seed(0))
+    op = _random_plans_op(n, 3, scaled=scaled)
+    assert op.arrays.deg.max() >= 5
     ref = torch.empty_like(x)
     sw, layers = kernels.torch_layers(op.arrays, x.device, *kernels.acc_dtype(x.dtype))
     kernels.mix_torch(sw, layers, x, ref)

@@ -25,8 +25,10 @@ from typing import Any
 
 import torch
 
+from ..backend.buffers import BufferPool
 from ..backend.errors import MismatchError
 from ..ops.handle import Handle
+from ..ops.neighbor import resources
 from ..plan import CommPlan
 from ..tracing import AnyTopology, trace_collective, trace_mix
 from ..tree import Flat
@@ -169,7 +171,8 @@ def _check_edges(fn: str, plans: Sequence[CommPlan]) -> None:
 class _ExecCache:
     """LRU map from a tuple of plans (by identity; the entry keeps them alive) to a MixOp."""
 
-    def __init__(self) -> None:
+    def __init__(self, pool: BufferPool) -> None:
+        self.pool = pool
         self.entries: OrderedDict[tuple[int, ...], MixOp] = OrderedDict()
         self.hits = 0
         self.misses = 0
@@ -183,7 +186,7 @@ class _ExecCache:
             return op
         self.misses += 1
         _check_edges(fn, plans)
-        op = MixOp.from_plans(fn, plans)
+        op = MixOp.from_plans(fn, plans, self.pool)
         self.entries[key] = op
         if len(self.entries) > _EXEC_CACHE_SIZE:
             self.entries.popitem(last=False)
@@ -194,7 +197,7 @@ def exec_cache(world: World) -> _ExecCache:
     """The world's cache of stacked executors (created on first use)."""
     cache = getattr(world, "_sim_exec", None)
     if cache is None:
-        cache = _ExecCache()
+        cache = _ExecCache(resources(world).pool)
         setattr(world, "_sim_exec", cache)  # noqa: B010  # World is another module's dataclass
     assert isinstance(cache, _ExecCache)
     return cache
@@ -278,7 +281,7 @@ def global_reduce_sim(world: World, flat: Flat, fn: str, mean: bool) -> Handle[A
     aflat, per_agent = _agent_flat(world, flat, fn)
     for r in range(world.size):
         trace_collective(world, fn, aflat, r)
-    op = ReduceOp(fn, world.size, mean)
+    op = ReduceOp(fn, world.size, mean, resources(world).pool)
     return _done(flat.unflatten(apply(op, flat.tensors, per_agent)))
 
 
@@ -288,7 +291,7 @@ def broadcast_sim(world: World, flat: Flat, root: int) -> Handle[Any]:
     aflat, per_agent = _agent_flat(world, flat, fn)
     for r in range(world.size):
         trace_collective(world, fn, aflat, r, root)
-    return _done(flat.unflatten(apply(BroadcastOp(world.size, root), flat.tensors, per_agent)))
+    return _done(flat.unflatten(apply(BroadcastOp(world.size, root, resources(world).pool), flat.tensors, per_agent)))
 
 
 def allgather_sim(world: World, flat: Flat) -> Handle[Any]:
@@ -306,4 +309,4 @@ def allgather_sim(world: World, flat: Flat) -> Handle[Any]:
             )
     for r in range(world.size):
         trace_collective(world, fn, aflat, r, dim0_free=True)
-    return _done(flat.unflatten(apply(AllgatherOp(world.size), flat.tensors, per_agent)))
+    return _done(flat.unflatten(apply(AllgatherOp(world.size, resources(world).pool), flat.tensors, per_agent)))

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..backend.buffers import BufferPool
 from ..plan import CommPlan
 from . import kernels
 
@@ -68,11 +69,15 @@ def current_agents() -> torch.Tensor | None:
 # Output buffers
 
 
-def fused_empty(specs: Sequence[tuple[tuple[int, ...], torch.dtype, torch.device]]) -> list[torch.Tensor]:
+def fused_empty(
+    specs: Sequence[tuple[tuple[int, ...], torch.dtype, torch.device]], pool: BufferPool | None = None
+) -> list[torch.Tensor]:
     """Empty tensors of the given shapes, all leaves of one (dtype, device) in one buffer.
 
     Each leaf is a contiguous block (leaf-major), so every returned leaf is contiguous and they
-    share storage, like the MPI backend's fused outputs.
+    share storage, like the MPI backend's fused outputs.  Large CPU buffers come from ``pool``
+    (the world's :class:`~bluefog_fn.backend.buffers.BufferPool`): a fresh 256 MiB allocation
+    page-faults on first touch, which costs more than the mix itself.
     """
     totals: dict[tuple[torch.dtype, torch.device], int] = {}
     offsets = []
@@ -83,7 +88,10 @@ def fused_empty(specs: Sequence[tuple[tuple[int, ...], torch.dtype, torch.device
             numel *= d
         offsets.append((key, totals.get(key, 0), numel))
         totals[key] = totals.get(key, 0) + numel
-    buffers = {key: torch.empty(total, dtype=key[0], device=key[1]) for key, total in totals.items()}
+    buffers = {
+        key: pool.take(key[0], total) if pool is not None and key[1].type == "cpu" else torch.empty(total, dtype=key[0], device=key[1])
+        for key, total in totals.items()
+    }
     return [
         buffers[key][off : off + numel].view(shape)
         for (key, off, numel), (shape, _, _) in zip(offsets, specs, strict=True)
@@ -99,6 +107,7 @@ class StackedOp(ABC):
 
     name: str
     n: int
+    pool: BufferPool | None = None  # where large CPU outputs come from
     # True when the op acts on each element of an agent's row independently, so an extra batch
     # dimension placed right after the agent dimension is carried through unchanged.
     elementwise: bool = True
@@ -119,8 +128,9 @@ def _numba_ok(t: torch.Tensor) -> bool:
 class MixOp(StackedOp):
     """``X ← W X`` for the mixing matrix described by one plan per agent."""
 
-    def __init__(self, name: str, plans: Sequence[CommPlan], arrays: kernels.MixArrays) -> None:
+    def __init__(self, name: str, plans: Sequence[CommPlan], arrays: kernels.MixArrays, pool: BufferPool | None = None) -> None:
         self.name = name
+        self.pool = pool
         self.plans = tuple(plans)
         self.arrays = arrays
         self.n = arrays.n
@@ -128,7 +138,7 @@ class MixOp(StackedOp):
         self._torch: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, list[kernels.TorchLayer]]] = {}
 
     @classmethod
-    def from_plans(cls, name: str, plans: Sequence[CommPlan]) -> MixOp:
+    def from_plans(cls, name: str, plans: Sequence[CommPlan], pool: BufferPool | None = None) -> MixOp:
         """Stack n plans; the caller has checked that sends and receives match."""
         n = len(plans)
         scale = {(p.rank, d): s for p in plans for d, s in p.sends}
@@ -144,10 +154,10 @@ class MixOp(StackedOp):
                 w[i, k] = wij
                 s[i, k] = scale[(j, i)]
         arrays = kernels.MixArrays(sw, deg, idx, w, s, bool(np.any(s != 1.0)))  # padding is 1
-        return cls(name, plans, arrays)
+        return cls(name, plans, arrays, pool)
 
     def run(self, tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        outs = fused_empty([(tuple(t.shape), t.dtype, t.device) for t in tensors])
+        outs = fused_empty([(tuple(t.shape), t.dtype, t.device) for t in tensors], self.pool)
         for t, o in zip(tensors, outs, strict=True):
             if t.numel() == 0:
                 continue
@@ -171,7 +181,7 @@ class MixOp(StackedOp):
         # Wᵀ, exactly as the MPI backward runs it: the reversed plans (edges reversed, the
         # receiver's weight becomes the sender's scale and vice versa).
         if self._adjoint is None:
-            self._adjoint = MixOp.from_plans(self.name + "_backward", [p.reversed() for p in self.plans])
+            self._adjoint = MixOp.from_plans(self.name + "_backward", [p.reversed() for p in self.plans], self.pool)
             self._adjoint._adjoint = self
         return self._adjoint
 
@@ -198,13 +208,14 @@ def allreduce_sum(rows: list[torch.Tensor]) -> torch.Tensor:
 class ReduceOp(StackedOp):
     """``global_sum`` / ``global_mean``: every agent gets the (mean of the) sum over agents."""
 
-    def __init__(self, name: str, n: int, mean: bool) -> None:
+    def __init__(self, name: str, n: int, mean: bool, pool: BufferPool | None = None) -> None:
         self.name = name
         self.n = n
         self.mean = mean
+        self.pool = pool
 
     def run(self, tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        outs = fused_empty([(tuple(t.shape), t.dtype, t.device) for t in tensors])
+        outs = fused_empty([(tuple(t.shape), t.dtype, t.device) for t in tensors], self.pool)
         for t, o in zip(tensors, outs, strict=True):
             # Halves are reduced in float32, like the MPI backend (MPI has no half types).
             work = t.detach().to(torch.float32) if t.dtype in _HALF else t.detach()
@@ -223,13 +234,14 @@ class ReduceOp(StackedOp):
 class BroadcastOp(StackedOp):
     """``broadcast``: every agent gets agent ``root``'s tensors."""
 
-    def __init__(self, n: int, root: int) -> None:
+    def __init__(self, n: int, root: int, pool: BufferPool | None = None) -> None:
         self.name = "broadcast"
         self.n = n
         self.root = root
+        self.pool = pool
 
     def run(self, tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        outs = fused_empty([(tuple(t.shape), t.dtype, t.device) for t in tensors])
+        outs = fused_empty([(tuple(t.shape), t.dtype, t.device) for t in tensors], self.pool)
         for t, o in zip(tensors, outs, strict=True):
             o.copy_(t.detach()[self.root].unsqueeze(0).expand_as(o))
         return tuple(outs)
@@ -243,13 +255,14 @@ class AllgatherOp(StackedOp):
 
     elementwise = False
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, pool: BufferPool | None = None) -> None:
         self.name = "allgather"
         self.n = n
+        self.pool = pool
 
     def run(self, tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         specs = [((self.n, self.n * t.shape[1], *t.shape[2:]), t.dtype, t.device) for t in tensors]
-        outs = fused_empty(specs)
+        outs = fused_empty(specs, self.pool)
         for t, o in zip(tensors, outs, strict=True):
             o.copy_(t.detach().reshape(o.shape[1:]).unsqueeze(0).expand_as(o))
         return tuple(outs)
