@@ -554,3 +554,25 @@ def test_mixing_float_matches_mpi_semantics_for_zero_weight_in_neighbours() -> N
     # As on MPI, 0 · inf = nan reaches agents 0 and 2, whose in-neighbour 1 has weight 0.
     assert torch.isnan(out[0]).all() and torch.isnan(out[2]).all()
     assert out[3].item() == 2.5
+
+
+def test_hierarchical_neighbor_mean_with_simulated_machines() -> None:
+    """local_size splits the agents into machines: W = W_M ⊗ I_L after the machine mean."""
+    machines, local = 3, 2
+    n = machines * local
+    wm = T.ring(machines)
+    X = torch.randn(n, 4, generator=torch.Generator().manual_seed(0), dtype=F64)
+    with bf.simulate(n, local_size=local):
+        assert (bf.machine_size(), bf.local_size()) == (machines, local)
+        out = bf.hierarchical_neighbor_mean(X, wm)
+    machine_mean = X.view(machines, local, 4).mean(1)
+    expected = dense(wm.mixing_matrix(), machine_mean).repeat_interleave(local, 0)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="local_size must be an int that divides n = 6, got 4"):
+        bf.simulate(6, local_size=4)
+
+
+def test_vmap_keyword_arguments_are_shared() -> None:
+    with bf.simulate(3):
+        out = bf.sim.vmap(lambda x, *, scale: x * scale)(torch.ones(3, 2), scale=2.0)
+    assert torch.equal(out, torch.full((3, 2), 2.0))

@@ -42,31 +42,38 @@ class simulate(contextlib.ContextDecorator):  # used like a function: bf.simulat
 
     Args:
         n: the number of agents, an int >= 1.
+        local_size: agents per simulated machine (default ``n``: one machine), for
+            ``bf.hierarchical_neighbor_mean``; must divide ``n``.  Machines are blocks of
+            consecutive agents, as ``BLUEFOG_FN_RANKS_PER_MACHINE`` makes them on MPI.
 
     Raises:
-        ValueError: if ``n`` is not an int >= 1.
+        ValueError: if ``n`` is not an int >= 1 or ``local_size`` does not divide it.
 
     Example:
         >>> import torch, bluefog_fn as bf
         >>> with bf.simulate(4):
-        ...     x = torch.arange(4.0).unsqueeze(1)       # agent i holds [i]
+        ...     x = torch.arange(4.0, dtype=torch.float64).unsqueeze(1)   # agent i holds [i]
         ...     bf.size(), bf.neighbor_mean(x, bf.topology.ring(4)).squeeze(1).tolist()
-        (4, [1.3333333333333333, 1.0, 2.0, 1.6666666666666667])
+        (4, [1.3333333333333333, 1.0, 2.0, 1.6666666666666665])
     """
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, *, local_size: int | None = None) -> None:
         self.n = _check_n("simulate", n)
+        local: object = self.n if local_size is None else local_size
+        if isinstance(local, bool) or not isinstance(local, numbers.Integral) or not 1 <= int(local) <= self.n or self.n % int(local):
+            raise ValueError(f"simulate: local_size must be an int that divides n = {self.n}, got {local_size!r}")
+        self.local_size: int = int(local)
         self._world: _world.World | None = None
 
     @property
     def world(self) -> _world.World:
         """The simulated world (created on first use, then kept)."""
         if self._world is None:
-            n = self.n
+            n, local = self.n, self.local_size
             # One plan per agent per call pattern: a cache sized for one MPI rank would thrash.
             self._world = _world.World(
-                backend="sim", rank=0, size=n, local_rank=0, local_size=n, machine_rank=0,
-                machine_size=1, transport=None, plans=PlanCache(DEFAULT_MAXSIZE * n),
+                backend="sim", rank=0, size=n, local_rank=0, local_size=local, machine_rank=0,
+                machine_size=n // local, transport=None, plans=PlanCache(DEFAULT_MAXSIZE * n),
             )
         return self._world
 
@@ -78,7 +85,7 @@ class simulate(contextlib.ContextDecorator):  # used like a function: bf.simulat
         _world.pop(self.world)
 
     def __repr__(self) -> str:
-        return f"simulate({self.n})"
+        return f"simulate({self.n})" if self.local_size == self.n else f"simulate({self.n}, local_size={self.local_size})"
 
 
 def _require_sim(fn: str) -> int:
@@ -113,6 +120,7 @@ def vmap(
       be a Python int per agent; it stays 0);
     * per-call weights must be plain Python values: one for all agents or a list of n (one per
       agent), never tensors computed inside ``fn``;
+    * keyword arguments reach every agent unchanged (they are not mapped);
     * ``neighbor_gather`` is not available (its keys differ between agents);
     * randomness follows ``torch.func.vmap``'s ``randomness`` (default ``"error"``): pass
       per-agent random data in, stacked, built with :func:`generators` for reproducibility.
@@ -156,7 +164,9 @@ def vmap(
                 pop_agents()
 
         mapped = torch.func.vmap(per_agent, in_dims=(0, *dims), out_dims=out_dims, randomness=randomness)
-        return mapped(torch.arange(n), *args)
+        # On the data's device, so that arithmetic with agent_index() needs no transfer.
+        first = next((x for x in pytree.tree_leaves(args) if isinstance(x, torch.Tensor)), None)
+        return mapped(torch.arange(n, device=first.device if first is not None else None), *args)
 
     return wrapper  # type: ignore[return-value]
 
