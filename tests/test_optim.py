@@ -126,6 +126,14 @@ def test_optim_step_validates_step_grads_and_state(name: str) -> None:
         opt.init({"w": [1.0]})
 
 
+@pytest.mark.parametrize("name", ["dsgd", "atc", "gradient_tracking", "exact_diffusion"])
+def test_optim_step_checks_topology_size_against_world(name: str) -> None:
+    opt = getattr(bf.optim, name)(0.1, T.ring(N + 2))
+    x = torch.ones(2)
+    with pytest.raises(ValueError, match=rf"{name}: topology has {N + 2} agents but the current world has {N}"):
+        opt.step(x, x, opt.init(x), 0)
+
+
 def test_optim_schedule_value_checked_at_step() -> None:
     opt = bf.optim.sgd(lambda k: -1.0)
     x = torch.ones(2)

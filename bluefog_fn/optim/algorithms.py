@@ -38,6 +38,7 @@ from .base import (
     check_state,
     check_step,
     check_topology,
+    check_world,
     fail,
     finish_tree,
     flatten_like,
@@ -139,16 +140,19 @@ class Mixing:
     topology: AnyTopology
     communicate_every: int = 1
     global_every: int | None = None
+    fn: str = "bf.optim"
 
     @staticmethod
     def checked(fn: str, topology: object, communicate_every: object, global_every: object) -> Mixing:
         topo = check_topology(fn, topology)
         every = check_positive_int(fn, "communicate_every", communicate_every)
         glob = None if global_every is None else check_positive_int(fn, "global_every", global_every)
-        return Mixing(topo, every, glob)
+        return Mixing(topo, every, glob, fn)
 
     def start(self, tree: Any, step: int) -> Handle[Any]:
         """Start averaging ``tree`` for iteration ``step``; the handle's ``wait()`` gives ``W x``."""
+        # Checked on every step, communicating or not, so a wrong world fails on the first one.
+        check_world(self.fn, self.topology)
         if self.global_every is not None and (step + 1) % self.global_every == 0:
             return global_mean_async(tree)
         if (step + 1) % self.communicate_every == 0:
@@ -463,6 +467,7 @@ def exact_diffusion(optimizer: Transformation | ScalarOrSchedule, topology: AnyT
         with torch.no_grad():
             psi, inner = local.step(params, grads, state.inner, step)
             phi = tree_add(psi, tree_sub(params, state.psi))
+            check_world(fn, topo)
             new = tree_scale(tree_add(phi, neighbor_mean(phi, topo, step)), 0.5)
             # ψ is state, not a parameter: keep no requires_grad flag the local step restored.
             psi = pytree.tree_map(lambda t: None if t is None else t.detach(), psi)

@@ -24,6 +24,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ..topology import DynamicTopology, Topology
+from ..world import current
 
 Params: TypeAlias = Any
 """A pytree of tensors (``None`` leaves allowed)."""
@@ -227,6 +228,17 @@ def check_topology(fn: str, topology: object) -> AnyTopology:
             f"{topology!r:.60}"
         )
     return topology
+
+
+def check_world(fn: str, topology: AnyTopology) -> None:
+    """The topology must have one node per agent of the current world (``bf.size()``)."""
+    n = current().size
+    if topology.size != n:
+        raise fail(
+            fn,
+            f"topology has {topology.size} agents but the current world has {n} (bf.size()); "
+            "build the topology with bf.size() inside the world that runs the steps",
+        )
 
 
 def graphs_of(topology: AnyTopology) -> Sequence[Topology]:
