@@ -422,6 +422,16 @@ def test_neighbor_gather_is_a_list_of_per_agent_dicts() -> None:
         for j, tree in got[i].items():
             assert torch.equal(tree["i"], X["i"][j]) and torch.equal(tree["f"], X["f"][j])
         assert list(sub[i]) == [t.in_neighbors(i)[0]]
+    # A per-call graph (agent i sends to i + 1) and inputs that require grad: no gradient flows
+    # through a gather, as on MPI.
+    x = torch.randn(n, 2, requires_grad=True)
+    with bf.simulate(n):
+        shifted = bf.neighbor_gather(
+            x, None, src_weights=[{(i - 1) % n: 1.0} for i in range(n)], dst_weights=[[(i + 1) % n] for i in range(n)]
+        )
+    for i in range(n):
+        (j, v), = shifted[i].items()
+        assert j == (i - 1) % n and torch.equal(v, x[j].detach()) and not v.requires_grad
 
 
 def test_trace_in_simulated_world_describes_one_agent() -> None:
