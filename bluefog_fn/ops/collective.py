@@ -6,6 +6,7 @@ float32 (MPI has no half types, and the sum of many halves loses too much).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -13,13 +14,14 @@ import torch
 
 from ..agreement import agree
 from ..backend.buffers import host_array
+from ..backend.transport import Pending
 from ..execute import pack, unpack
 from ..plan import CommPlan, check_rank_key
 from ..tracing import trace_collective
 from ..tree import Flat, flatten
 from ..world import World, current
 from .handle import Handle, tracked
-from .neighbor import resources
+from .neighbor import _is_transformed, resources
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -28,27 +30,35 @@ def _device(flat: Flat) -> torch.device:
     return flat.tensors[0].device if flat.tensors else torch.device("cpu")
 
 
-def _start_reduce(world: World, fn: str, flat: Flat, mean: bool) -> tuple[CommPlan, Any, list[torch.Tensor]]:
+def _start_reduce(
+    world: World, fn: str, flat: Flat, mean: bool, tensors: Sequence[torch.Tensor]
+) -> tuple[CommPlan, list[Pending], list[torch.Tensor]]:
     for i, t in enumerate(flat.tensors):
         if t.dtype == torch.bool or (mean and not (t.dtype.is_floating_point or t.dtype.is_complex)):
             raise TypeError(f"{fn}: tree leaf {flat.path(i)} has dtype {t.dtype}, which {fn} does not support")
     plan = trace_collective(world, fn, flat, world.rank)
     agree(world, fn, plan)
-    bufs = pack(plan, flat.tensors, resources(world), upcast_half=True)
+    bufs = pack(plan, tensors, resources(world), upcast_half=True)
     assert world.transport is not None
     pendings = [world.transport.allreduce_sum(host_array(b)) for b in bufs]
     return plan, pendings, bufs
 
 
 class _GlobalMeanFunction(torch.autograd.Function):
-    """global_mean is multiplication by 11ᵀ/n, which is symmetric: backward is global_mean."""
+    """global_mean is multiplication by 11ᵀ/n, which is symmetric: backward is global_mean.
+
+    ``setup_context`` style so that ``torch.func.grad`` composes with it.
+    """
 
     @staticmethod
-    def forward(ctx: Any, finish: Any, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(finish())
+    def forward(finish: Any, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(finish(tensors))
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        pass
+
+    @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:
         return (None, *global_mean(list(grads)))
 
@@ -60,10 +70,13 @@ def _reduce_async(tree: Any, fn: str, mean: bool) -> Handle[Any]:
         from ..sim import global_reduce_sim
 
         return global_reduce_sim(world, flat, fn, mean)
-    plan, pendings, bufs = _start_reduce(world, fn, flat, mean)
+    transformed = _is_transformed(flat.tensors)
+    # Under a torch.func transform the leaves expose no memory: start when forward unwraps them.
+    started = None if transformed else _start_reduce(world, fn, flat, mean, flat.tensors)
     device = _device(flat)
 
-    def finish_leaves() -> list[torch.Tensor]:
+    def finish_leaves(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        plan, pendings, bufs = started or _start_reduce(world, fn, flat, mean, tensors)
         for p in pendings:
             p.wait()
         if mean:
@@ -71,13 +84,19 @@ def _reduce_async(tree: Any, fn: str, mean: bool) -> Handle[Any]:
                 b.div_(world.size)
         return unpack(plan, bufs, device)
 
-    differentiable = mean and torch.is_grad_enabled() and any(t.requires_grad for t in flat.tensors)
+    differentiable = mean and (transformed or (torch.is_grad_enabled() and any(t.requires_grad for t in flat.tensors)))
 
     def finish() -> Any:
-        leaves = _GlobalMeanFunction.apply(finish_leaves, *flat.tensors) if differentiable else finish_leaves()  # type: ignore[no-untyped-call]
+        if differentiable:
+            leaves = _GlobalMeanFunction.apply(finish_leaves, *flat.tensors)  # type: ignore[no-untyped-call]
+        else:
+            leaves = finish_leaves(flat.tensors)
         return flat.unflatten(list(leaves))
 
-    return tracked(world, fn, finish, lambda: all(p.done() for p in pendings))
+    def done() -> bool:
+        return started is None or all(p.done() for p in started[1])
+
+    return tracked(world, fn, finish, done)
 
 
 def global_sum_async(tree: Any) -> Handle[Any]:

@@ -40,37 +40,73 @@ def _check_floating(fn: str, flat: Flat) -> None:
             raise TypeError(f"{fn}: tree leaf {flat.path(i)} has dtype {t.dtype}; mixing needs floating-point leaves")
 
 
+def _is_transformed(tensors: Sequence[torch.Tensor]) -> bool:
+    """True for tensors wrapped by a ``torch.func`` transform (they expose no memory to send)."""
+    return any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+
+
 class _MixFunction(torch.autograd.Function):
-    """Makes a mix differentiable: backward is the exchange along reversed edges (Wᵀ)."""
+    """Makes a mix differentiable: backward is the exchange along reversed edges (Wᵀ).
+
+    Written in the ``setup_context`` style so that ``torch.func.grad`` composes with it: under a
+    transform ``forward`` receives the unwrapped tensors, which is when the exchange is posted.
+    """
 
     @staticmethod
-    def forward(ctx: Any, run: Any, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        ctx.run = run
-        return tuple(run.forward())
+    def forward(run: _MixRun, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(run.forward(tensors))
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        ctx.run = inputs[0]
+
+    @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:
         return (None, *ctx.run.backward(grads))
 
 
 class _MixRun:
-    """One mixing call on a process world, possibly in flight."""
+    """One mixing call on a process world, possibly in flight.
 
-    def __init__(self, world: World, plan: CommPlan, tensors: Sequence[torch.Tensor]) -> None:
+    The exchange is posted at construction (the async case) unless the tensors are wrapped by a
+    ``torch.func`` transform; then it is posted when ``forward`` sees the unwrapped tensors.
+    """
+
+    def __init__(self, world: World, plan: CommPlan, tensors: Sequence[torch.Tensor], *, defer: bool) -> None:
         assert world.transport is not None
         self.world = world
         self.plan = plan
-        self.tensors = tensors
-        self.exchange = Exchange(world.transport, resources(world), plan, tensors)
+        self.exchange = None if defer else Exchange(world.transport, resources(world), plan, tensors)
 
-    def forward(self) -> list[torch.Tensor]:
-        return self.exchange.mix()
+    def done(self) -> bool:
+        return self.exchange is None or self.exchange.done()
 
-    def backward(self, grads: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
-        full = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, self.tensors, strict=True)]
-        assert self.world.transport is not None
-        return Exchange(self.world.transport, resources(self.world), self.plan.reversed(), full).mix()
+    def forward(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        exchange = self.exchange
+        if exchange is None:
+            assert self.world.transport is not None
+            exchange = Exchange(self.world.transport, resources(self.world), self.plan, tensors)
+        self.exchange = None
+        return exchange.mix()
+
+    def backward(self, grads: Sequence[torch.Tensor | None]) -> tuple[torch.Tensor, ...]:
+        """Wᵀ·grads, itself a differentiable mix (double backward works; under ``torch.func``
+        the gradients arrive wrapped and are unwrapped by the inner ``apply``)."""
+        full = [
+            torch.zeros(shape, dtype=dtype) if g is None else g
+            for g, (shape, dtype) in zip(grads, self._slots(), strict=True)
+        ]
+        back = _MixRun(self.world, self.plan.reversed(), full, defer=True)
+        if torch.is_grad_enabled() or _is_transformed(full):
+            return tuple(_MixFunction.apply(back, *full))  # type: ignore[no-untyped-call]
+        return tuple(back.forward(full))
+
+    def _slots(self) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        slots: list[tuple[tuple[int, ...], torch.dtype] | None] = [None] * self.plan.layout.n_tensors
+        for g in self.plan.layout.groups:
+            for s in g.slots:
+                slots[s.leaf] = (s.shape, g.dtype)
+        return slots  # type: ignore[return-value]
 
 
 def neighbor_mean_async(
@@ -104,14 +140,15 @@ def neighbor_mean_async(
     plan = trace_mix(world, fn, flat, topology, step, world.rank, self_weight, src_weights, dst_weights)
     agree(world, fn, plan, per_call_graph=dst_weights is not None)
     tensors = flat.tensors
-    run = _MixRun(world, plan, tensors)
-    differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    transformed = _is_transformed(tensors)
+    differentiable = transformed or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+    run = _MixRun(world, plan, tensors, defer=transformed)
 
     def finish() -> Any:
-        outs = _MixFunction.apply(run, *tensors) if differentiable else run.forward()  # type: ignore[no-untyped-call]
+        outs = _MixFunction.apply(run, *tensors) if differentiable else run.forward(tensors)  # type: ignore[no-untyped-call]
         return flat.unflatten(list(outs))
 
-    return tracked(world, fn, finish, run.exchange.done)
+    return tracked(world, fn, finish, run.done)
 
 
 def neighbor_mean(

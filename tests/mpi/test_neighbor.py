@@ -238,3 +238,17 @@ def test_neighbor_mean_random_override_weights(data: st.DataObject) -> None:
     out = bf.neighbor_mean(trees[ME], None, self_weight=self_w[ME], src_weights=src, dst_weights=dst)
     for a, e in zip(leaves(out), leaves(dense_mix(W, trees, ME)), strict=True):
         assert_close_everywhere(a, e, "random overrides", atol=1e-12, rtol=1e-12)
+
+
+def test_torch_func_grad_through_neighbor_mean_and_global_mean() -> None:
+    topo = T.exponential_two(N)
+    W = topo.mixing_matrix()
+    cs = [torch.randn(3, generator=torch.Generator().manual_seed(200 + r), dtype=torch.float64) for r in range(N)]
+    x = torch.randn(3, generator=torch.Generator().manual_seed(ME), dtype=torch.float64)
+
+    def loss(v: torch.Tensor) -> torch.Tensor:
+        return (bf.neighbor_mean({"v": v}, topo)["v"] * cs[ME]).sum() + (bf.global_mean(v) * cs[ME]).sum()
+
+    g = torch.func.grad(loss)(x)
+    expected = sum(W[i, ME] * cs[i] for i in range(N)) + sum(cs) / N
+    assert_close_everywhere(g, expected, "torch.func.grad = Wᵀc + mean(c)", atol=1e-12, rtol=1e-12)

@@ -238,16 +238,9 @@ def train_step_through_mix(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch
     return {k: v - 0.05 * g[k] for k, v in p.items()}
 
 
-def train_step_through_mix_autograd(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, t: int) -> dict[str, torch.Tensor]:
-    """:func:`train_step_through_mix` with torch.autograd: the MPI path's neighbor_mean is not
-    (yet) a torch.func-compatible autograd.Function, so MPI ranks run this form."""
-    q = {k: v.detach().requires_grad_(True) for k, v in p.items()}
-    grads = torch.autograd.grad(_loss(bf.neighbor_mean(q, TOPO, t), x, y), list(q.values()))
-    return {k: v - 0.05 * gk for (k, v), gk in zip(p.items(), grads, strict=True)}
-
-
 def test_sim_equals_mpi_training_20_steps() -> None:
-    for mpi_fn, sim_fn in ((train_step, train_step), (train_step_through_mix_autograd, train_step_through_mix)):
+    # The very same per-agent functions run on MPI ranks and over simulated agents.
+    for mpi_fn, sim_fn in ((train_step, train_step), (train_step_through_mix, train_step_through_mix)):
         x, y = _data(ME)
         p = _init(ME)
         for t in range(20):
