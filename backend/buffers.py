@@ -8,13 +8,30 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
+# The numpy dtype a tensor's bytes travel as (bfloat16 has none: its bytes go as int16).
+_NUMPY_OF: dict[torch.dtype, type] = {
+    torch.float64: np.float64,
+    torch.float32: np.float32,
+    torch.float16: np.float16,
+    torch.bfloat16: np.int16,
+    torch.int64: np.int64,
+    torch.int32: np.int32,
+    torch.int16: np.int16,
+    torch.int8: np.int8,
+    torch.uint8: np.uint8,
+    torch.bool: np.uint8,
+    torch.complex64: np.complex64,
+    torch.complex128: np.complex128,
+}
+
 
 def host_array(t: torch.Tensor) -> np.ndarray:
     """A numpy view (no copy) of a contiguous CPU tensor, for the transport.
 
     bfloat16 has no numpy dtype; its bytes travel as int16, which is all point-to-point needs.
     """
-    t = t.detach()
+    if t.requires_grad:
+        t = t.detach()
     if t.dtype == torch.bfloat16:
         t = t.view(torch.int16)
     elif t.dtype == torch.bool:
@@ -76,10 +93,16 @@ class BufferPool:
 
     def take(self, dtype: torch.dtype, numel: int) -> torch.Tensor:
         """An uninitialized 1-D CPU tensor of ``numel`` elements of ``dtype``."""
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        nbytes = numel * itemsize
+        return self.take_pair(dtype, numel)[0]
+
+    def take_pair(self, dtype: torch.dtype, numel: int) -> tuple[torch.Tensor, np.ndarray]:
+        """:meth:`take`, plus the numpy view of the same memory that :func:`host_array` gives."""
+        np_dtype = _NUMPY_OF[dtype]
+        nbytes = numel * dtype.itemsize
         if nbytes < self.min_bytes:
-            return torch.empty(numel, dtype=dtype)
+            arr = np.empty(numel, dtype=np_dtype)
+            t = torch.from_numpy(arr)
+            return (t if t.dtype == dtype else t.view(dtype)), arr
         key = ("u8", nbytes)
         stack = self._free.get(key)
         if stack:
@@ -91,7 +114,7 @@ class BufferPool:
             self.allocated += 1
         view = raw.view()
         weakref.finalize(view, self._give_back, key, raw)
-        return torch.from_numpy(view).view(dtype)
+        return torch.from_numpy(view).view(dtype), view.view(np_dtype)
 
     def _give_back(self, key: tuple[str, int], raw: np.ndarray) -> None:
         if self._free_bytes + raw.nbytes > self.max_free_bytes:

@@ -12,6 +12,7 @@ torch, computing in float32.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import numba
 import numpy as np
@@ -64,31 +65,42 @@ def _combine_many(x, recv, weights, ws, out):  # type: ignore[no-untyped-def]
 _NUMBA_DTYPES = (torch.float32, torch.float64)
 
 
+def uses_numba(dtype: torch.dtype) -> bool:
+    """Whether :func:`combine_arrays` handles ``dtype`` (else use :func:`combine`'s torch path)."""
+    return dtype in _NUMBA_DTYPES
+
+
+def combine_arrays(
+    x: np.ndarray, recv: np.ndarray, weights: Sequence[float], self_weight: float, out: np.ndarray
+) -> None:
+    """:func:`combine` on numpy float32/float64 arrays (the hot path: no tensor conversions)."""
+    k = recv.shape[0]
+    if k == 0:
+        _combine0(x, self_weight, out)
+    elif k == 1:
+        _combine1(x, recv[0], weights[0], self_weight, out)
+    elif k == 2:
+        _combine2(x, recv[0], recv[1], weights[0], weights[1], self_weight, out)
+    elif k == 3:
+        _combine3(x, recv[0], recv[1], recv[2], weights[0], weights[1], weights[2], self_weight, out)
+    else:
+        _combine_many(x, recv, np.asarray(weights, dtype=np.float64), self_weight, out)
+
+
 def combine(
-    x: torch.Tensor, recv: torch.Tensor, weights: np.ndarray, self_weight: float, out: torch.Tensor
+    x: torch.Tensor, recv: torch.Tensor, weights: Sequence[float], self_weight: float, out: torch.Tensor
 ) -> None:
     """``out = self_weight · x + weightsᵀ · recv`` (x, out: 1-D; recv: rows × len(x)); CPU tensors.
 
     Example:
-        >>> import torch, numpy as np
+        >>> import torch
         >>> out = torch.empty(2)
-        >>> combine(torch.ones(2), torch.full((1, 2), 3.0), np.array([0.5]), 0.5, out)
+        >>> combine(torch.ones(2), torch.full((1, 2), 3.0), [0.5], 0.5, out)
         >>> out.tolist()
         [2.0, 2.0]
     """
     if x.dtype in _NUMBA_DTYPES and x.device.type == "cpu":
-        xs, o, ws, k = x.numpy(), out.numpy(), float(self_weight), recv.shape[0]
-        if k == 0:
-            _combine0(xs, ws, o)
-        elif k == 1:
-            _combine1(xs, recv[0].numpy(), float(weights[0]), ws, o)
-        elif k == 2:
-            _combine2(xs, recv[0].numpy(), recv[1].numpy(), float(weights[0]), float(weights[1]), ws, o)
-        elif k == 3:
-            r = recv.numpy()
-            _combine3(xs, r[0], r[1], r[2], float(weights[0]), float(weights[1]), float(weights[2]), ws, o)
-        else:
-            _combine_many(xs, recv.numpy(), weights, ws, o)
+        combine_arrays(x.numpy(), recv.numpy(), [float(w) for w in weights], float(self_weight), out.numpy())
         return
     # Half types: float32 arithmetic in the same order, one rounding at the end.
     acc = x.to(torch.float32) * self_weight

@@ -103,10 +103,10 @@ class _Exchange:
         """Yield the index of each receive as it lands (checked), then finish the sends."""
         if self._finished:
             return
-        backoff = _Backoff(self._timeout, "neighbor exchange")
+        backoff: _Backoff | None = None
         remaining = len(self._recv_reqs)
+        statuses = [MPI.Status() for _ in self._recv_reqs]
         while remaining:
-            statuses = [MPI.Status() for _ in self._recv_reqs]
             try:
                 indices = MPI.Request.Testsome(self._recv_reqs, statuses)
             except MPI.Exception as exc:
@@ -115,6 +115,8 @@ class _Exchange:
                     "ranks are calling with different tree shapes or dtypes"
                 ) from exc
             if not indices:
+                if backoff is None:  # started lazily: most small exchanges complete at once
+                    backoff = _Backoff(self._timeout, "neighbor exchange")
                 backoff.idle(self._recv_reqs, self._sources)
                 continue
             for k, i in enumerate(indices):

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .backend.buffers import BufferPool, PinnedStaging, host_array
-from .backend.kernels import combine
+from .backend.kernels import combine, combine_arrays, uses_numba
 from .backend.transport import ExchangePending, Transport
 from .plan import BufferGroup, CommPlan
 
@@ -59,6 +59,9 @@ def _host_segments(
 def _leaf_views(plan: CommPlan, buffers: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     outs: list[torch.Tensor | None] = [None] * plan.layout.n_tensors
     for g, buf in zip(plan.layout.groups, buffers, strict=True):
+        if len(g.slots) == 1:  # the common single-leaf group: no slice needed
+            outs[g.slots[0].leaf] = buf.view(g.slots[0].shape)
+            continue
         for s in g.slots:
             outs[s.leaf] = buf[s.offset : s.offset + s.numel].view(s.shape)
     return outs  # type: ignore[return-value]
@@ -69,41 +72,52 @@ def _to_device(buf: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 class Exchange:
-    """The point-to-point part of ``neighbor_mean`` / ``neighbor_gather`` in flight."""
+    """The point-to-point part of ``neighbor_mean`` / ``neighbor_gather`` in flight.
+
+    Works on numpy views of every buffer, made once per call: this is the per-call hot path, and
+    tensor slicing and conversions cost microseconds each.
+    """
 
     def __init__(self, transport: Transport, res: Resources, plan: CommPlan, tensors: Sequence[torch.Tensor]) -> None:
         self.plan = plan
         self.res = res
         self.device = tensors[0].device if tensors else torch.device("cpu")
-        self.x: list[list[torch.Tensor]] = []
-        self.recv: list[torch.Tensor] = []
+        self.x: list[list[torch.Tensor]] = []  # per group, per segment
+        self.x_np: list[list[np.ndarray]] = []
+        self.recv: list[torch.Tensor] = []  # per group: (peers, numel)
+        self.recv_np: list[np.ndarray] = []
+        self.staged: list[torch.Tensor] = []
         keep: list[torch.Tensor] = []  # scaled copies must outlive the sends
         sends: list[tuple[int, np.ndarray]] = []
         recvs: list[tuple[int, np.ndarray]] = []
         n_in = len(plan.recvs)
-        self.staged: list[torch.Tensor] = []
         for g in plan.layout.groups:
             segs, staged = _host_segments(g, tensors, res)
             self.x.append(segs)
+            self.x_np.append([host_array(t) for t in segs])
             if staged is not None:
                 self.staged.append(staged)
-            rbuf = res.pool.take(g.dtype, n_in * g.numel).view(n_in, g.numel)
-            self.recv.append(rbuf)
+            rbuf, rbuf_np = res.pool.take_pair(g.dtype, n_in * g.numel)
+            self.recv.append(rbuf.view(n_in, g.numel))
+            self.recv_np.append(rbuf_np.reshape(n_in, g.numel))
         # Messages to/from each peer go out in (group, segment) order on both sides; MPI keeps
         # messages between a pair of ranks in order, so they match one to one.
         self.recv_segment: list[tuple[int, int]] = []  # receive index -> (group, segment)
         for j, (src, _) in enumerate(plan.recvs):
             for gi, g in enumerate(plan.layout.groups):
+                rows = self.recv_np[gi]
                 for si, seg in enumerate(g.segments):
-                    recvs.append((src, host_array(self.recv[gi][j, seg.start : seg.stop])))
+                    recvs.append((src, rows[j, seg.start : seg.stop]))
                     self.recv_segment.append((gi, si))
         for dst, scale in plan.sends:
-            for gi, _g in enumerate(plan.layout.groups):
+            for gi in range(len(plan.layout.groups)):
+                if scale == 1.0:
+                    sends.extend((dst, a) for a in self.x_np[gi])
+                    continue
                 for seg_x in self.x[gi]:
-                    data = seg_x if scale == 1.0 else seg_x * scale
-                    if data is not seg_x:
-                        keep.append(data)
-                    sends.append((dst, host_array(data)))
+                    scaled = seg_x * scale
+                    keep.append(scaled)
+                    sends.append((dst, host_array(scaled)))
         self._keep = keep
         self.pending: ExchangePending = transport.exchange(sends, recvs, plan.tag)
 
@@ -114,25 +128,37 @@ class Exchange:
         """Combine each segment into fresh fused outputs as soon as all its messages landed
         (while they are still in cache); returns the output leaves."""
         plan = self.plan
-        weights = np.array([w for _, w in plan.recvs], dtype=np.float64)
-        outs = [self.res.pool.take(g.dtype, g.numel) for g in plan.layout.groups]
-        n_in = len(plan.recvs)
+        groups = plan.layout.groups
+        weights = [w for _, w in plan.recvs]
+        self_weight = plan.self_weight
+        pairs = [self.res.pool.take_pair(g.dtype, g.numel) for g in groups]
+        outs = [t for t, _ in pairs]
+        outs_np = [a if uses_numba(g.dtype) else None for (_, a), g in zip(pairs, groups, strict=True)]
+        n_in = len(weights)
 
         def combine_segment(gi: int, si: int) -> None:
-            seg = plan.layout.groups[gi].segments[si]
-            combine(self.x[gi][si], self.recv[gi][:, seg.start : seg.stop], weights, plan.self_weight, outs[gi][seg.start : seg.stop])
+            seg = groups[gi].segments[si]
+            out_np = outs_np[gi]
+            if out_np is not None:
+                combine_arrays(
+                    self.x_np[gi][si], self.recv_np[gi][:, seg.start : seg.stop], weights, self_weight,
+                    out_np[seg.start : seg.stop],
+                )
+            else:
+                combine(self.x[gi][si], self.recv[gi][:, seg.start : seg.stop], weights, self_weight, outs[gi][seg.start : seg.stop])
 
         if n_in == 0:
             self.pending.wait()
-            for gi, g in enumerate(plan.layout.groups):
+            for gi, g in enumerate(groups):
                 for si in range(len(g.segments)):
                     combine_segment(gi, si)
         else:
             arrived: dict[tuple[int, int], int] = {}
             for i in self.pending.completed():
                 key = self.recv_segment[i]
-                arrived[key] = arrived.get(key, 0) + 1
-                if arrived[key] == n_in:
+                count = arrived.get(key, 0) + 1
+                arrived[key] = count
+                if count == n_in:
                     combine_segment(*key)
         self._release()
         return _leaf_views(plan, [_to_device(o, self.device) for o in outs])
@@ -141,6 +167,7 @@ class Exchange:
         """The exchange is complete: scaled copies and staging buffers may be reused."""
         self._keep = []
         self.x = []
+        self.x_np = []
         for buf in self.staged:
             self.res.staging.release(buf)
         self.staged = []
