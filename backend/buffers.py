@@ -100,7 +100,7 @@ class BufferPool:
         np_dtype = _NUMPY_OF[dtype]
         nbytes = numel * dtype.itemsize
         if nbytes < self.min_bytes:
-            arr = np.empty(numel, dtype=np_dtype)
+            arr: np.ndarray = np.empty(numel, dtype=np_dtype)
             t = torch.from_numpy(arr)
             return (t if t.dtype == dtype else t.view(dtype)), arr
         key = ("u8", nbytes)

@@ -114,4 +114,4 @@ def warmup() -> None:
     for dtype in _NUMBA_DTYPES:
         x = torch.zeros(1, dtype=dtype)
         for k in range(5):
-            combine(x, torch.zeros((k, 1), dtype=dtype), np.ones(k), 1.0, torch.empty_like(x))
+            combine(x, torch.zeros((k, 1), dtype=dtype), [1.0] * k, 1.0, torch.empty_like(x))
