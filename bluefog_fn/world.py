@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from .backend.local import LocalTransport
 from .backend.transport import Transport
@@ -45,6 +45,8 @@ class World:
     agreed: AgreedSet = field(default_factory=AgreedSet)
     # Op events for ``bfrun --timeline``; None (the default) costs one attribute check per op.
     timeline: Timeline | None = None
+    # Inside ``bf.sim.vmap``: the stack of agent-index tensors (per-agent mode when non-empty).
+    vmap_agents: list[Any] = field(default_factory=list)
 
     @property
     def simulated(self) -> bool:

@@ -17,7 +17,6 @@ compose with them.
 
 from __future__ import annotations
 
-import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
@@ -27,23 +26,19 @@ import torch
 
 from ..backend.buffers import BufferPool
 from ..plan import CommPlan
+from ..world import current
 from . import kernels
 
 _HALF = (torch.float16, torch.bfloat16)
 
 
 # ---------------------------------------------------------------------------------------------
-# Per-agent mode: the stack of agent-index tensors pushed by bf.sim.vmap
-
-_MODE = threading.local()
+# Per-agent mode: the stack of agent-index tensors pushed by bf.sim.vmap, kept on the current
+# world (the library's one context object) rather than in a module global.
 
 
 def _agents_stack() -> list[torch.Tensor]:
-    stack: list[torch.Tensor] | None = getattr(_MODE, "agents", None)
-    if stack is None:
-        stack = []
-        _MODE.agents = stack
-    return stack
+    return current().vmap_agents
 
 
 def push_agents(index: torch.Tensor) -> None:
