@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -147,12 +148,12 @@ class _Exchange:
 
 
 class _Collective:
-    def __init__(self, request: MPI.Request, what: str, timeout: float, size: int, post: Any = None) -> None:
+    """One non-blocking collective in flight."""
+
+    def __init__(self, request: MPI.Request, what: str, timeout: float) -> None:
         self._request = request
         self._what = what
         self._timeout = timeout
-        self._size = size
-        self._post = post
         self._finished = False
 
     def done(self) -> bool:
@@ -162,17 +163,7 @@ class _Collective:
         if self._finished:
             return
         _wait_all([self._request], self._timeout, self._what, [-1])
-        if self._post is not None:
-            self._post()
         self._finished = True
-
-
-def _mpi_view(buf: np.ndarray) -> Any:
-    # MPI has no half types; reductions never see them (the front end upcasts), and point-to-point
-    # traffic only needs the bytes.
-    if buf.dtype == np.float16:
-        return buf.view(np.int16)
-    return buf
 
 
 class MpiTransport:
@@ -205,11 +196,12 @@ class MpiTransport:
 
     def allreduce_sum(self, buf: np.ndarray) -> _Collective:
         req = self.comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
-        return _Collective(req, "global reduction", self.timeout, self.size)
+        return _Collective(req, "global reduction", self.timeout)
 
     def bcast(self, buf: np.ndarray, root: int) -> _Collective:
-        req = self.comm.Ibcast([_mpi_view(buf), MPI.BYTE] if buf.dtype == np.float16 else buf, root=root)
-        return _Collective(req, "broadcast", self.timeout, self.size)
+        # Broadcast moves bytes, so any dtype (half types included) travels unchanged.
+        req = self.comm.Ibcast([buf, MPI.BYTE], root=root)
+        return _Collective(req, "broadcast", self.timeout)
 
     def allgatherv(self, send: np.ndarray, recv: np.ndarray, counts: Sequence[int]) -> _Collective:
         itemsize = send.dtype.itemsize
@@ -218,26 +210,23 @@ class MpiTransport:
         req = self.comm.Iallgatherv(
             [send.view(np.uint8), MPI.BYTE], [recv.view(np.uint8), (byte_counts, displs), MPI.BYTE]
         )
-        return _Collective(req, "allgather", self.timeout, self.size)
+        return _Collective(req, "allgather", self.timeout)
 
     def barrier(self) -> _Collective:
-        return _Collective(self.comm.Ibarrier(), "barrier", self.timeout, self.size)
+        return _Collective(self.comm.Ibarrier(), "barrier", self.timeout)
 
     def allgather_object(self, obj: Any) -> list[Any]:
         # Small pickled payloads only (agreement digests); bounded by the same deadline as data.
-        import pickle
-
         payload = np.frombuffer(pickle.dumps(obj), dtype=np.uint8)
         sizes = np.zeros(self.size, dtype=np.int64)
         mine = np.array([payload.size], dtype=np.int64)
-        _Collective(self.comm.Iallgather(mine, sizes), "agreement", self.timeout, self.size).wait()
+        _Collective(self.comm.Iallgather(mine, sizes), "agreement", self.timeout).wait()
         recv = np.empty(int(sizes.sum()), dtype=np.uint8)
         displs = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist()
         _Collective(
             self.comm.Iallgatherv([payload, MPI.BYTE], [recv, (sizes.tolist(), displs), MPI.BYTE]),
             "agreement",
             self.timeout,
-            self.size,
         ).wait()
         out = []
         for r in range(self.size):

@@ -89,3 +89,12 @@ def test_barrier_and_async_barrier() -> None:
     h = bf.barrier_async()
     assert h.wait() is None
     assert h.done()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.int8, torch.bool])
+def test_broadcast_any_dtype_bitwise(dtype: torch.dtype) -> None:
+    def value(r: int) -> torch.Tensor:
+        return (torch.arange(7, dtype=torch.float32) * 0.37 + r).to(dtype)
+
+    out = bf.broadcast({"x": value(ME)}, root=N - 1)
+    all_ranks_agree(torch.equal(out["x"], value(N - 1)), f"broadcast {dtype}")
