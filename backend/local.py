@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,41 @@ class _Done:
 
     def completed(self) -> Iterator[int]:
         return iter(())
+
+
+class LocalWindow:
+    """One-sided memory of a world of one: rank 0 is the only target."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.memory: np.ndarray | None = np.zeros(nbytes, dtype=np.uint8)
+
+    def _mem(self, target: int, offset: int, arr: np.ndarray) -> np.ndarray:
+        if self.memory is None:
+            raise RuntimeError("window: the window memory was freed")
+        if target != 0 or offset < 0 or offset + arr.nbytes > self.memory.size:
+            raise ValueError(f"window: target {target} bytes [{offset}, {offset + arr.nbytes}) out of range")
+        return self.memory[offset : offset + arr.nbytes].view(arr.dtype)
+
+    def put(self, target: int, pieces: Sequence[tuple[int, np.ndarray]]) -> None:
+        for offset, arr in pieces:
+            self._mem(target, offset, arr)[:] = arr
+
+    def accumulate(self, target: int, pieces: Sequence[tuple[int, np.ndarray]]) -> None:
+        for offset, arr in pieces:
+            self._mem(target, offset, arr)[:] += arr
+
+    def get(self, target: int, pieces: Sequence[tuple[int, np.ndarray]]) -> None:
+        for offset, arr in pieces:
+            arr[:] = self._mem(target, offset, arr)
+
+    @contextmanager
+    def lock_self(self) -> Iterator[np.ndarray]:
+        if self.memory is None:
+            raise RuntimeError("window: the window memory was freed")
+        yield self.memory
+
+    def free(self) -> None:
+        self.memory = None
 
 
 class LocalTransport:
@@ -54,3 +90,6 @@ class LocalTransport:
 
     def allgather_object(self, obj: Any) -> list[Any]:
         return [obj]
+
+    def window_create(self, nbytes: int) -> LocalWindow:
+        return LocalWindow(nbytes)

@@ -13,7 +13,7 @@ import pickle
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import mpi4py
 import numpy as np
@@ -233,6 +233,80 @@ class MpiTransport:
             start = displs[r]
             out.append(pickle.loads(recv[start : start + int(sizes[r])].tobytes()))
         return out
+
+    def window_create(self, nbytes: int) -> MpiWindow:
+        # Collective; the front end enters it on every rank after the same agreement check.
+        return MpiWindow(self.comm, nbytes, self.timeout)
+
+
+class MpiWindow:
+    """MPI-3 one-sided memory (``MPI_Win_allocate``, bytes) with passive-target synchronisation.
+
+    ``put``/``get``/``accumulate`` lock the target *shared*, post one request-based operation
+    per piece (``Rput``/``Rget``/``Raccumulate`` with ``MPI_SUM``, typed by the piece's dtype),
+    poll them with the transport's deadline, then unlock, which completes them at the target:
+    each call is synchronous.  ``lock_self`` locks this rank's own window *exclusive* (and
+    ``Sync``s the public and private copies), so local reads and writes exclude every remote
+    operation on this rank's memory.
+    """
+
+    def __init__(self, comm: MPI.Comm, nbytes: int, timeout: float) -> None:
+        self.timeout = timeout
+        self.rank = comm.Get_rank()
+        self.win: MPI.Win | None = MPI.Win.Allocate(nbytes, disp_unit=1, comm=cast(MPI.Intracomm, comm))
+        self.memory: np.ndarray = (
+            np.frombuffer(cast(Any, self.win.tomemory()), dtype=np.uint8, count=nbytes) if nbytes else np.zeros(0, np.uint8)
+        )
+        with self.lock_self() as mem:
+            mem[:] = 0
+
+    def _open(self, what: str) -> MPI.Win:
+        if self.win is None:
+            raise RuntimeError(f"window {what}: the window memory was freed")
+        return self.win
+
+    def _run(self, what: str, target: int, pieces: Sequence[tuple[int, np.ndarray]]) -> None:
+        win = self._open(what)
+        win.Lock(target, MPI.LOCK_SHARED)
+        try:
+            requests = []
+            for offset, arr in pieces:
+                spec = (offset, arr.size, MPI._typedict[arr.dtype.char])
+                if what == "put":
+                    requests.append(win.Rput(arr, target, spec))
+                elif what == "accumulate":
+                    requests.append(win.Raccumulate(arr, target, spec, op=MPI.SUM))
+                else:
+                    requests.append(win.Rget(arr, target, spec))
+            _wait_all(requests, self.timeout, f"window {what}", [target] * len(requests))
+        finally:
+            win.Unlock(target)
+
+    def put(self, target: int, pieces: Sequence[tuple[int, np.ndarray]]) -> None:
+        self._run("put", target, pieces)
+
+    def accumulate(self, target: int, pieces: Sequence[tuple[int, np.ndarray]]) -> None:
+        self._run("accumulate", target, pieces)
+
+    def get(self, target: int, pieces: Sequence[tuple[int, np.ndarray]]) -> None:
+        self._run("get", target, pieces)
+
+    @contextlib.contextmanager
+    def lock_self(self) -> Iterator[np.ndarray]:
+        win = self._open("update")
+        win.Lock(self.rank, MPI.LOCK_EXCLUSIVE)
+        try:
+            win.Sync()
+            yield self.memory
+            win.Sync()
+        finally:
+            win.Unlock(self.rank)
+
+    def free(self) -> None:
+        if self.win is not None:
+            win, self.win = self.win, None
+            self.memory = np.zeros(0, np.uint8)
+            win.Free()
 
 
 def world_comm() -> MPI.Comm:

@@ -9,6 +9,7 @@ dead or diverging peer turns into :class:`~bluefog_fn.backend.CommTimeoutError` 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 import numpy as np
@@ -32,6 +33,39 @@ class ExchangePending(Pending, Protocol):
     def completed(self) -> Iterator[int]:
         """Yield the index (into ``recvs``) of each receive as it completes, checked; then
         finish the sends.  Lets the caller combine data while it is still in cache."""
+        ...
+
+
+class WindowHandle(Protocol):
+    """One-sided memory: ``nbytes`` bytes on every rank (sizes may differ between ranks).
+
+    Offsets are in bytes; each piece is a typed, contiguous numpy array.  Every operation is
+    synchronous (complete at the target when it returns) and is one passive-target epoch:
+    ``put``/``get``/``accumulate`` hold a *shared* lock on the target for all their pieces,
+    :meth:`lock_self` an *exclusive* lock on this rank's own memory, so a read-and-reset under
+    :meth:`lock_self` happens entirely before or entirely after each remote operation on this
+    rank's memory.  ``accumulate`` is an atomic element-wise sum (concurrent accumulates to the
+    same elements all land).
+    """
+
+    def put(self, target: int, pieces: Sequence[tuple[int, np.ndarray]]) -> None:
+        """Overwrite ``target``'s bytes at each ``offset`` with the piece's array."""
+        ...
+
+    def accumulate(self, target: int, pieces: Sequence[tuple[int, np.ndarray]]) -> None:
+        """Add each array element-wise into ``target``'s memory at its offset (atomic)."""
+        ...
+
+    def get(self, target: int, pieces: Sequence[tuple[int, np.ndarray]]) -> None:
+        """Fill each array with ``target``'s memory at its offset."""
+        ...
+
+    def lock_self(self) -> AbstractContextManager[np.ndarray]:
+        """Exclusive access to this rank's own memory, yielded as a 1-D uint8 array."""
+        ...
+
+    def free(self) -> None:
+        """Release the memory (collective: every rank calls it)."""
         ...
 
 
@@ -73,4 +107,8 @@ class Transport(Protocol):
 
     def allgather_object(self, obj: Any) -> list[Any]:
         """Gather one small picklable object from every rank (used for agreement checks)."""
+        ...
+
+    def window_create(self, nbytes: int) -> WindowHandle:
+        """Allocate ``nbytes`` zeroed bytes of one-sided memory on this rank (collective)."""
         ...

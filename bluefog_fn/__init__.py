@@ -29,6 +29,7 @@ from .ops import (
     neighbor_mean,
     neighbor_mean_async,
 )
+from .ops.window import Window
 from .optim import broadcast_parameters
 from .plan import CommPlan
 from .plan_cache import CacheInfo
@@ -44,6 +45,7 @@ __all__ = [
     "CommTimeoutError",
     "Handle",
     "MismatchError",
+    "Window",
     "__version__",
     "allgather",
     "allgather_async",

@@ -1,0 +1,166 @@
+"""Push-sum (subgradient-push) on one-sided windows: decentralized optimization on directed graphs.
+
+Algorithms that mix with a row-stochastic ``W`` need ``W`` doubly stochastic to reach the
+average (or the minimiser of ``Σ_i f_i``); on a directed graph such as ``exponential_two`` or
+``one_peer_exponential_two`` with uniform weights it is not.  Push-sum instead *pushes mass*:
+every agent splits its pair ``(u_i, w_i)`` into ``d_i + 1`` equal shares (``d_i`` its
+out-degree), keeps one and accumulates the others into its out-neighbours' window slots — a
+column-stochastic ``A`` — then collects what it received.  ``Σ_i w_i = n`` and ``Σ_i u_i`` are
+conserved exactly (up to rounding), and the ratio ``z_i = u_i / w_i`` converges to the average.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch.utils import _pytree as pytree
+
+from ..ops import barrier
+from ..ops.window import Window
+from ..world import current
+from .algorithms import _local
+from .base import (
+    AnyTopology,
+    Grads,
+    OptState,
+    Params,
+    ScalarOrSchedule,
+    Transformation,
+    check_grads,
+    check_state,
+    check_step,
+    check_topology,
+    check_world,
+    finish_tree,
+    flatten_like,
+    flatten_params,
+    tree_clone,
+)
+
+
+class PushSumState(NamedTuple):
+    """State of :func:`push_sum`.
+
+    Attributes:
+        inner: the local optimizer's state.
+        numerator: ``u_i``, the pushed mass of the parameters (the parameters are ``u_i / w_i``).
+        weight: ``w_i``, the push-sum weight (float64, ``1`` at init; shape ``(n,)`` in the
+            simulator); ``Σ_i w_i = n`` after every step.
+        window: the :class:`bluefog_fn.Window` that carries ``(u, w)``; free it with
+            ``state.window.free()`` when done.  It is live communication state: checkpoint
+            ``inner``, ``numerator`` and ``weight``, not the window.
+    """
+
+    inner: Any
+    numerator: Any
+    weight: torch.Tensor
+    window: Window
+
+
+def _scale(x: torch.Tensor | None, s: torch.Tensor) -> torch.Tensor | None:
+    """``s · x`` with ``s`` a scalar (MPI) or one value per agent (``(n,)``, simulator)."""
+    if x is None:
+        return None
+    return x * s.to(x.dtype).reshape(s.shape + (1,) * (x.dim() - s.dim())).to(x.device)
+
+
+def _divide(x: torch.Tensor | None, w: torch.Tensor) -> torch.Tensor | None:
+    if x is None:
+        return None
+    return x / w.to(x.dtype).reshape(w.shape + (1,) * (x.dim() - w.dim())).to(x.device)
+
+
+def push_sum(
+    optimizer: Transformation | ScalarOrSchedule,
+    topology: AnyTopology,
+    *,
+    synchronous: bool = True,
+) -> Transformation:
+    """Push-sum / subgradient-push: exact consensus and optimization on directed graphs.
+
+    With ``d_i^k`` the out-degree of agent ``i`` in ``topology.at(k)`` and
+    ``a^k_{ji} = 1/(d_i^k + 1)`` for every out-neighbour ``j`` and ``j = i`` (a
+    column-stochastic matrix ``A_k``):
+
+    .. math::
+
+        u_i' &= L_i(u_i^k, g_i(z_i^k)) \\;(= u_i^k − γ\\, g_i(z_i^k) \\text{ for SGD}) \\\\
+        u_i^{k+1} &= \\sum_j a^k_{ij}\\, u_j', \\qquad w_i^{k+1} = \\sum_j a^k_{ij}\\, w_j^k \\\\
+        z_i^{k+1} &= u_i^{k+1} / w_i^{k+1}
+
+    ``z`` are the parameters the caller sees and takes gradients at; ``u`` and ``w`` (with
+    ``u^0 = z^0``, ``w^0 = 1``) live in the state.  Each step accumulates the shares
+    ``a_ji·(u', w)`` into the out-neighbours' slots of a :class:`bluefog_fn.Window`
+    (``MPI_Accumulate``) and collects its own slots with ``update(reset=True)`` under an
+    exclusive lock, so mass is never lost: ``Σ_i w_i = n`` and, without gradients,
+    ``Σ_i u_i = Σ_i u_i^0`` after every step (to rounding).  With zero gradients ``z_i``
+    converges geometrically to the exact average ``(1/n) Σ_i z_i^0`` on any strongly connected
+    (possibly directed, time-varying) graph; with diminishing step sizes and convex ``f_i`` to
+    the minimiser of ``Σ_i f_i`` (Nedić & Olshevsky 2015).
+
+    Args:
+        optimizer: the local optimizer, or a learning rate (``sgd(lr)``).
+        topology: a static or dynamic ``bf.topology`` graph; only its edges are used (the
+            weights are the push-sum shares), so it need not be doubly stochastic.
+        synchronous: ``True`` (default) puts a :func:`bluefog_fn.barrier` after the pushes and
+            after the collect, so each step collects exactly that step's mass: deterministic,
+            and equal to the simulator.  ``False`` skips them (BlueFog's asynchronous push-sum):
+            mass that arrives late is collected by a later step; the sums are still conserved
+            once every rank has finished and collected.
+
+    Returns:
+        A :class:`Transformation` whose state is :class:`PushSumState`; ``init`` is collective
+        (it creates the window).
+
+    Example:
+        >>> import torch, bluefog_fn as bf
+        >>> opt = bf.optim.push_sum(0.5, bf.topology.exponential_two(bf.size()))
+        >>> x = torch.ones(2)
+        >>> s = opt.init(x)
+        >>> x, s = opt.step(x, torch.ones(2), s, 0)
+        >>> x.tolist(), float(bf.global_sum(s.weight)) == bf.size()
+        ([0.5, 0.5], True)
+        >>> s.window.free()
+
+    Reference:
+        Kempe, Dobra & Gehrke, "Gossip-Based Computation of Aggregate Information", FOCS 2003;
+        Nedić & Olshevsky, "Distributed Optimization over Time-Varying Directed Graphs", IEEE
+        TAC 2015.
+    """
+    fn = "push_sum"
+    local = _local(fn, optimizer)
+    topo = check_topology(fn, topology)
+    if not isinstance(synchronous, bool):
+        raise TypeError(f"{fn}: synchronous must be a bool, got {type(synchronous).__name__} {synchronous!r}")
+
+    def init(params: Params) -> OptState:
+        flatten_params(fn, params)
+        check_world(fn, topo)
+        world = current()
+        weight = torch.ones(world.size if world.simulated else (), dtype=torch.float64)
+        numerator = tree_clone(params)
+        window = Window((numerator, weight), topo)
+        return PushSumState(local.init(params), numerator, weight, window)
+
+    def step(params: Params, grads: Grads, state: OptState, step: int) -> tuple[Params, OptState]:
+        step = check_step(fn, step)
+        check_state(fn, state, PushSumState)
+        spec = check_grads(fn, params, grads)
+        flatten_like(fn, "state.numerator", state.numerator, spec)
+        check_world(fn, topo)
+        with torch.no_grad():
+            adapted, inner = local.step(state.numerator, grads, state.inner, step)
+            window: Window = state.window
+            share = window.uniform_share(step)
+            pushed = (pytree.tree_map(lambda x: _scale(x, share), adapted), state.weight * share)
+            window.accumulate(pushed, step=step)
+            if synchronous:
+                barrier()
+            numerator, weight = window.collect(pushed, step=step)
+            if synchronous:
+                barrier()
+            new = pytree.tree_map(lambda x: _divide(x, weight), numerator)
+        return finish_tree(new, params), PushSumState(inner, numerator, weight, window)
+
+    return Transformation(init, step)

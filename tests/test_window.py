@@ -1,0 +1,368 @@
+"""bf.Window and bf.optim.push_sum in the simulator (and a world of one), against dense references.
+
+References are computed from the topology's mixing matrix / edge lists in float64.  MPI equality
+with the simulator is in ``tests/mpi/test_window_mpi.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import bluefog_fn as bf
+from bluefog_fn import topology as T
+
+F64 = torch.float64
+EXACT = {"atol": 1e-12, "rtol": 1e-12}
+
+
+def chord(n: int) -> T.Topology:
+    """A directed ring with one chord 0 → 2: strongly connected, W not doubly stochastic."""
+    A = torch.eye(n, dtype=F64)
+    for i in range(n):
+        A[(i + 1) % n, i] = 1.0
+    if n >= 3:
+        A[2, 0] = 1.0
+    return T.from_matrix(A / A.sum(1, keepdim=True))
+
+
+def data(n: int, seed: int = 0) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "w": torch.randn(n, 3, 2, generator=g, dtype=F64),
+        "b": torch.randn(n, 4, generator=g, dtype=torch.float32),
+        "none": None,
+    }
+
+
+def dense(W: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    return torch.einsum("ij,j...->i...", W.to(F64), X.to(F64))
+
+
+def adjacency(graph: T.Topology) -> torch.Tensor:
+    """``E[i, j] = 1`` when j sends to i (j ≠ i)."""
+    n = graph.size
+    E = torch.zeros(n, n, dtype=F64)
+    for i in range(n):
+        for j in graph.in_neighbors(i):
+            E[i, j] = 1.0
+    return E
+
+
+TOPOLOGIES = {
+    "ring5": lambda: T.ring(5),
+    "exp2_6": lambda: T.exponential_two(6),
+    "star4": lambda: T.star(4),
+    "chord5": lambda: chord(5),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# put / accumulate / get / update
+
+
+@pytest.mark.parametrize("name", sorted(TOPOLOGIES))
+def test_window_put_update_is_W_x(name: str) -> None:
+    topo = TOPOLOGIES[name]()
+    n = topo.size
+    x = data(n)
+    saved = copy.deepcopy(x)
+    W = topo.mixing_matrix()
+    with bf.simulate(n):
+        win = bf.Window(x, topo)
+        win.put(x)
+        out = win.update()
+        win.free()
+    torch.testing.assert_close(out["w"], dense(W, x["w"]), **EXACT)
+    torch.testing.assert_close(out["b"], dense(W, x["b"]).float(), atol=1e-6, rtol=1e-6)
+    assert out["none"] is None and out["b"].dtype == torch.float32
+    for k in ("w", "b"):
+        assert torch.equal(x[k], saved[k]), "Window ops modified their input"
+
+
+def test_window_accumulate_twice_and_reset() -> None:
+    topo = chord(5)
+    n = 5
+    x = data(n)["w"]
+    W, E = topo.mixing_matrix(), adjacency(topo)
+    with bf.simulate(n):
+        win = bf.Window(x, topo)
+        win.accumulate(x)
+        win.accumulate(2.0 * x)
+        out = win.update(reset=True)
+        # Expected: w_ii x_i + Σ_j w_ij (3 x_j), then the own value becomes that result.
+        expected = dense(torch.diag(torch.diag(W)) + 3.0 * (W - torch.diag(torch.diag(W))), x)
+        torch.testing.assert_close(out, expected, **EXACT)
+        # After reset the slots are zero: collecting returns the stored own value unchanged.
+        torch.testing.assert_close(win.collect(), expected, **EXACT)
+        # No reset: the slots keep their content and are read again.
+        win.accumulate(x)
+        first = win.update(self_weight=1.0, src_weights=[{j: 1.0 for j in topo.in_neighbors(i)} for i in range(n)])
+        torch.testing.assert_close(first, expected + dense(E, x), **EXACT)
+        second = win.update(self_weight=0.0, src_weights=[{j: 1.0 for j in topo.in_neighbors(i)} for i in range(n)])
+        torch.testing.assert_close(second, dense(E, x), **EXACT)
+        win.free()
+
+
+def test_window_put_dst_weights_and_update_src_weights() -> None:
+    topo = T.exponential_two(4)
+    n = 4
+    x = torch.arange(n * 2, dtype=F64).view(n, 2) + 1.0
+    scale = [{d: float(i + d + 1) for d in topo.out_neighbors(i)} for i in range(n)]
+    src = [{j: 0.5 + j for j in topo.in_neighbors(i)} for i in range(n)]
+    with bf.simulate(n):
+        win = bf.Window(x, topo)
+        win.put(x, scale)
+        out = win.update(self_weight=[0.25 * (i + 1) for i in range(n)], src_weights=src)
+        win.free()
+    expected = torch.stack(
+        [
+            0.25 * (i + 1) * x[i] + sum((0.5 + j) * (i + j + 1) * x[j] for j in topo.in_neighbors(i))
+            for i in range(n)
+        ]
+    )
+    torch.testing.assert_close(out, expected, **EXACT)
+
+
+def test_window_put_overwrites_and_partial_destinations() -> None:
+    topo = T.ring(4)
+    n = 4
+    x = torch.ones(n, 3, dtype=F64)
+    with bf.simulate(n):
+        win = bf.Window(x, topo)
+        win.put(5.0 * x)
+        win.put(x, [[(i + 1) % n] for i in range(n)])  # overwrite only the right neighbour
+        out = win.update(self_weight=0.0, src_weights=[{j: 1.0 for j in topo.in_neighbors(i)} for i in range(n)])
+        win.free()
+    # Each agent's slot from its left neighbour holds 1, from its right neighbour still 5.
+    torch.testing.assert_close(out, torch.full((n, 3), 6.0, dtype=F64), **EXACT)
+
+
+def test_window_get_fetches_own_values() -> None:
+    topo = chord(5)
+    n = 5
+    x = data(n, seed=3)["w"]
+    with bf.simulate(n):
+        win = bf.Window(x, topo)
+        win.get()
+        torch.testing.assert_close(win.update(), dense(topo.mixing_matrix(), x), **EXACT)
+        # The own value is now W x; a weighted get fetches 2·(W x)_j.
+        wx = dense(topo.mixing_matrix(), x)
+        win.get([{j: 2.0 for j in topo.in_neighbors(i)} for i in range(n)])
+        out = win.update(self_weight=0.0, src_weights=[{j: 1.0 for j in topo.in_neighbors(i)} for i in range(n)])
+        win.free()
+    torch.testing.assert_close(out, 2.0 * dense(adjacency(topo), wx), **EXACT)
+
+
+def test_window_dynamic_topology_steps() -> None:
+    topo = T.one_peer_exponential_two(8)
+    n = 8
+    x = data(n, seed=5)["w"]
+    expected = x.clone()
+    with bf.simulate(n):
+        win = bf.Window(x, topo)
+        assert win.in_neighbors(0) == tuple(sorted({j for k in range(topo.period) for j in topo.at(k).in_neighbors(0)}))
+        cur = x
+        for k in range(5):
+            win.put(cur, step=k)
+            cur = win.update(reset=True, step=k)
+            expected = dense(topo.at(k).mixing_matrix(), expected)
+            torch.testing.assert_close(cur, expected, **EXACT)
+        win.free()
+
+
+def test_window_half_precision_is_stored_as_float32() -> None:
+    topo = T.ring(3)
+    x = torch.tensor([[1.0], [2.0], [4.0]], dtype=torch.bfloat16)
+    with bf.simulate(3):
+        win = bf.Window(x, topo)
+        win.accumulate(x)
+        out = win.update()
+        win.free()
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), dense(topo.mixing_matrix(), x), atol=1e-2, rtol=1e-2)
+
+
+def test_window_world_of_one() -> None:
+    win = bf.Window({"a": torch.ones(2), "b": None}, T.ring(bf.size()))
+    win.put({"a": torch.ones(2), "b": None})
+    out = win.update(self_weight=2.0)
+    assert out["b"] is None
+    if bf.size() == 1:
+        assert out["a"].tolist() == [2.0, 2.0]
+    win.free()
+
+
+# ---------------------------------------------------------------------------------------------
+# Mass conservation and push-sum
+
+
+def _topology(kind: str, n: int) -> Any:
+    return {
+        "ring": T.ring,
+        "star": T.star,
+        "exp2": T.exponential_two,
+        "one_peer": T.one_peer_exponential_two,
+        "chord": chord,
+        "base": T.base_graph,
+    }[kind](n)
+
+
+@settings(max_examples=25)
+@given(
+    kind=st.sampled_from(["ring", "star", "exp2", "one_peer", "chord", "base"]),
+    n=st.integers(1, 9),
+    steps=st.integers(1, 12),
+    seed=st.integers(0, 2**16),
+)
+def test_push_sum_conserves_mass(kind: str, n: int, steps: int, seed: int) -> None:
+    topo = _topology(kind, n)
+    x0 = torch.randn(n, 3, generator=torch.Generator().manual_seed(seed), dtype=F64)
+    with bf.simulate(n):
+        opt = bf.optim.push_sum(0.1, topo)
+        state = opt.init(x0)
+        x = x0
+        for k in range(steps):
+            x, state = opt.step(x, torch.zeros_like(x), state, k)
+            torch.testing.assert_close(state.weight.sum(), torch.tensor(float(n), dtype=F64), **EXACT)
+            torch.testing.assert_close(state.numerator.sum(0), x0.sum(0), atol=1e-12, rtol=1e-12)
+        state.window.free()
+
+
+def _push_sum_reference(topo: Any, x0: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense push-sum: ``u ← A_k u``, ``w ← A_k w`` with column-stochastic uniform shares."""
+    n = x0.shape[0]
+    u, w = x0.clone(), torch.ones(n, dtype=F64)
+    for k in range(steps):
+        g = topo.at(k)
+        A = torch.zeros(n, n, dtype=F64)
+        for i in range(n):
+            share = 1.0 / (len(g.out_neighbors(i)) + 1)
+            A[i, i] = share
+            for j in g.out_neighbors(i):
+                A[j, i] = share
+        u, w = A @ u, A @ w
+    return u / w[:, None], w
+
+
+@pytest.mark.parametrize("kind,n", [("exp2", 6), ("one_peer", 8), ("chord", 5), ("chord", 7)])
+def test_push_sum_reaches_exact_average_on_directed_graphs(kind: str, n: int) -> None:
+    topo = _topology(kind, n)
+    x0 = torch.randn(n, 4, generator=torch.Generator().manual_seed(1), dtype=F64)
+    with bf.simulate(n):
+        opt = bf.optim.push_sum(0.1, topo)
+        state = opt.init(x0)
+        x = x0
+        for k in range(12):
+            x, state = opt.step(x, torch.zeros_like(x), state, k)
+        ref, ref_w = _push_sum_reference(topo, x0, 12)
+        torch.testing.assert_close(x, ref, **EXACT)
+        torch.testing.assert_close(state.weight, ref_w, **EXACT)
+        for k in range(12, 400):
+            x, state = opt.step(x, torch.zeros_like(x), state, k)
+        state.window.free()
+    assert (x - x0.mean(0)).abs().max().item() < 1e-10
+
+
+def test_push_sum_beats_plain_mixing_on_non_doubly_stochastic_graph() -> None:
+    topo = chord(5)
+    assert not topo.is_doubly_stochastic()
+    x0 = torch.randn(5, 2, generator=torch.Generator().manual_seed(2), dtype=F64)
+    with bf.simulate(5):
+        x = x0
+        for _ in range(400):
+            x = bf.neighbor_mean(x, topo)
+    # Plain mixing converges, but to a weighted average (the left Perron vector), not the mean.
+    assert (x - x0.mean(0)).abs().max().item() > 1e-3
+
+
+def test_push_sum_gradient_step_matches_reference() -> None:
+    topo = chord(4)
+    n = 4
+    x0 = torch.randn(n, 3, generator=torch.Generator().manual_seed(4), dtype=F64)
+    target = torch.randn(n, 3, generator=torch.Generator().manual_seed(5), dtype=F64)
+    lr = 0.05
+    with bf.simulate(n):
+        opt = bf.optim.push_sum(lr, topo)
+        state = opt.init(x0)
+        x = x0
+        u, w = x0.clone(), torch.ones(n, dtype=F64)
+        for k in range(10):
+            g = x - target  # ∇ ½‖x − t_i‖²
+            x, state = opt.step(x, g, state, k)
+            A = torch.zeros(n, n, dtype=F64)
+            for i in range(n):
+                share = 1.0 / (len(topo.out_neighbors(i)) + 1)
+                A[i, i] = share
+                for j in topo.out_neighbors(i):
+                    A[j, i] = share
+            u, w = A @ (u - lr * g), A @ w
+            torch.testing.assert_close(x, u / w[:, None], **EXACT)
+        state.window.free()
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+def test_window_validation_errors() -> None:
+    topo = T.ring(4)
+    x = torch.ones(4, 3, dtype=F64)
+    with bf.simulate(4):
+        with pytest.raises(TypeError, match=r"dtype torch\.int64"):
+            bf.Window(torch.ones(4, 3, dtype=torch.int64), topo)
+        with pytest.raises(ValueError, match="topology has size 5"):
+            bf.Window(x, T.ring(5))
+        with pytest.raises(TypeError, match="topology must be"):
+            bf.Window(x, "ring")  # type: ignore[arg-type]
+        win = bf.Window(x, topo)
+        win.accumulate(x)
+        with pytest.raises(ValueError, match=r"Window.put: tree must match"):
+            win.put(torch.ones(4, 2, dtype=F64))
+        with pytest.raises(ValueError, match=r"Window.accumulate: tree must match"):
+            win.accumulate(torch.ones(4, 3, dtype=torch.float32))
+        with pytest.raises(ValueError, match=r"dst_weights names rank\(s\) \[2\] that have no slot for rank 0"):
+            win.put(x, [[2]] + [[(i + 1) % 4] for i in range(1, 4)])
+        with pytest.raises(ValueError, match="dst_weights has rank 9"):
+            win.accumulate(x, {9: 1.0})
+        with pytest.raises(ValueError, match=r"src_weights names rank\(s\) \[2\] that have no slot at rank 0"):
+            win.get([{2: 1.0}, {}, {}, {}])
+        with pytest.raises(ValueError, match="self_weight is required"):
+            win.update(src_weights={})
+        with pytest.raises(ValueError, match="self_weight"):
+            win.update(self_weight=-1.0)
+        with pytest.raises(TypeError, match="reset must be a bool"):
+            win.update(reset=1)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="step must be"):
+            win.put(x, step=-1)
+        # Nothing moved: the failed calls left the slots as the successful accumulate made them.
+        E = adjacency(topo)
+        out = win.update(self_weight=0.0, src_weights=[{j: 1.0 for j in topo.in_neighbors(i)} for i in range(4)])
+        torch.testing.assert_close(out, dense(E, x), **EXACT)
+        win.free()
+        with pytest.raises(RuntimeError, match=r"Window\.update: the window was freed"):
+            win.update()
+        with pytest.raises(RuntimeError, match=r"Window\.put: the window was freed"):
+            win.put(x)
+    with bf.simulate(2):
+        win = bf.Window(torch.ones(2, 1), T.ring(2))
+    with pytest.raises(RuntimeError, match="belongs to another world"):
+        win.update()
+
+
+def test_push_sum_validation() -> None:
+    with pytest.raises(TypeError, match="push_sum: topology must be"):
+        bf.optim.push_sum(0.1, "ring")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="push_sum: synchronous must be a bool"):
+        bf.optim.push_sum(0.1, T.ring(2), synchronous=1)  # type: ignore[arg-type]
+    opt = bf.optim.push_sum(0.1, T.ring(bf.size()))
+    x = torch.ones(2)
+    state = opt.init(x)
+    with pytest.raises(TypeError, match="push_sum: state must be a PushSumState"):
+        opt.step(x, x, (1, 2), 0)
+    state.window.free()
