@@ -2,9 +2,10 @@
 
 Local optimizers (:func:`sgd`, :func:`adam`) move one agent along its own gradient; the
 decentralized algorithms (:func:`dsgd`/:func:`awc`, :func:`atc`, :func:`gradient_tracking`,
-:func:`exact_diffusion`) add neighbour averaging over a topology, :func:`push_sum` pushes mass
-through one-sided windows (directed graphs), :func:`allreduce` is the centralised baseline.
-:class:`DecentralizedOptimizer` wraps a ``torch.optim`` optimizer for ``nn.Module`` users.
+:func:`exact_diffusion`) add neighbour averaging over a topology, :func:`push_sum` and
+:func:`push_diging` push mass through one-sided windows (directed graphs), :func:`allreduce` is
+the centralised baseline.  :class:`DecentralizedOptimizer` wraps a ``torch.optim`` optimizer
+for ``nn.Module`` users.
 
 Example:
     >>> import torch, bluefog_fn as bf
@@ -47,7 +48,7 @@ from .base import (
 )
 from .local import AdamState, SgdState, adam, sgd
 from .module import DecentralizedOptimizer, broadcast_optimizer_state, broadcast_parameters
-from .push_sum import PushSumState, push_sum
+from .push_sum import PushDigingState, PushSumState, push_diging, push_sum
 
 # States are checkpointed with torch.save; torch.load's default weights_only unpickler only
 # rebuilds classes it was told are safe.
@@ -64,6 +65,7 @@ __all__ = [
     "ExactDiffusionState",
     "GradientTrackingState",
     "InitFn",
+    "PushDigingState",
     "PushSumState",
     "ScalarOrSchedule",
     "Schedule",
@@ -82,6 +84,7 @@ __all__ = [
     "exact_diffusion",
     "exponential_decay",
     "gradient_tracking",
+    "push_diging",
     "push_sum",
     "sgd",
 ]

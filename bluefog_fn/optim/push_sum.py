@@ -19,7 +19,7 @@ from torch.utils import _pytree as pytree
 from ..ops import barrier
 from ..ops.window import Window
 from ..world import current
-from .algorithms import _local
+from .algorithms import _grads_or_zeros, _local
 from .base import (
     AnyTopology,
     Grads,
@@ -35,7 +35,10 @@ from .base import (
     finish_tree,
     flatten_like,
     flatten_params,
+    tree_add,
     tree_clone,
+    tree_sub,
+    tree_zeros_like,
 )
 
 
@@ -55,6 +58,26 @@ class PushSumState(NamedTuple):
     inner: Any
     numerator: Any
     weight: torch.Tensor
+    window: Window
+
+
+class PushDigingState(NamedTuple):
+    """State of :func:`push_diging`.
+
+    Attributes:
+        inner: the local optimizer's state.
+        numerator: ``u_i`` (the parameters are ``u_i / w_i``).
+        weight: ``w_i`` (float64, ``1`` at init, ``(n,)`` in the simulator); ``Σ_i w_i = n``.
+        tracker: ``Σ_j a_ij y_j^{k−1}``, the tracker mass received last step (zeros at init).
+        prev_grads: ``g_i^{k−1}`` (zeros at init).
+        window: the :class:`bluefog_fn.Window` carrying ``(u, w, y)``; free it when done.
+    """
+
+    inner: Any
+    numerator: Any
+    weight: torch.Tensor
+    tracker: Any
+    prev_grads: Any
     window: Window
 
 
@@ -151,16 +174,102 @@ def push_sum(
         check_world(fn, topo)
         with torch.no_grad():
             adapted, inner = local.step(state.numerator, grads, state.inner, step)
-            window: Window = state.window
-            share = window.uniform_share(step)
-            pushed = (pytree.tree_map(lambda x: _scale(x, share), adapted), state.weight * share)
-            window.accumulate(pushed, step=step)
-            if synchronous:
-                barrier()
-            numerator, weight = window.collect(pushed, step=step)
-            if synchronous:
-                barrier()
+            numerator, weight = _push(state.window, (adapted, state.weight), step, synchronous)
             new = pytree.tree_map(lambda x: _divide(x, weight), numerator)
-        return finish_tree(new, params), PushSumState(inner, numerator, weight, window)
+        return finish_tree(new, params), PushSumState(inner, numerator, weight, state.window)
+
+    return Transformation(init, step)
+
+
+def _push(window: Window, tree: Any, step: int, synchronous: bool) -> Any:
+    """One push-sum round on ``tree``: keep a share, accumulate the others, collect."""
+    share = window.uniform_share(step)
+    pushed = pytree.tree_map(lambda x: _scale(x, share), tree)
+    window.accumulate(pushed, step=step)
+    if synchronous:
+        barrier()
+    out = window.collect(pushed, step=step)
+    if synchronous:
+        barrier()
+    return out
+
+
+def push_diging(
+    optimizer: Transformation | ScalarOrSchedule,
+    topology: AnyTopology,
+    *,
+    synchronous: bool = True,
+) -> Transformation:
+    """Push-DIGing: gradient tracking with push-sum, exact and linear on directed graphs.
+
+    With the column-stochastic push-sum shares ``A_k`` of :func:`push_sum`:
+
+    .. math::
+
+        y_i^k &= \\sum_j a^{k−1}_{ij}\\, y_j^{k−1} + g_i(z_i^k) − g_i(z_i^{k−1})
+            \\qquad (y^{−1} = 0,\\ g(z^{−1}) = 0,\\ \\text{so } y^0 = g(z^0)) \\\\
+        u_i^{k+1} &= \\sum_j a^k_{ij}\\, L_i(u_j^k, y_j^k) \\;(= u_j^k − γ\\, y_j^k \\text{ for SGD}),
+            \\qquad w_i^{k+1} = \\sum_j a^k_{ij}\\, w_j^k \\\\
+        z_i^{k+1} &= u_i^{k+1} / w_i^{k+1}
+
+    ``(u, w, y)`` travel together through one :class:`bluefog_fn.Window` per step.  Since
+    ``A_k`` preserves sums, ``Σ_i y_i^k = Σ_i g_i(z_i^k)``: the trackers carry the network
+    gradient, so with a constant step size small enough the parameters ``z`` converge
+    geometrically to the exact minimiser of ``Σ_i f_i`` (strongly convex, smooth ``f_i``) on
+    directed, time-varying, strongly connected graphs.  ``Σ_i w_i = n`` after every step.
+
+    Args:
+        optimizer: the local optimizer, or a learning rate (``sgd(lr)``).
+        topology: a static or dynamic ``bf.topology`` graph (only its edges are used).
+        synchronous: barriers around the collect, as in :func:`push_sum`.
+
+    Returns:
+        A :class:`Transformation` whose state is :class:`PushDigingState`; ``init`` is
+        collective (it creates the window).
+
+    Example:
+        >>> import torch, bluefog_fn as bf
+        >>> opt = bf.optim.push_diging(0.5, bf.topology.exponential_two(bf.size()))
+        >>> x = torch.ones(2)
+        >>> s = opt.init(x)
+        >>> x, s = opt.step(x, torch.ones(2), s, 0)
+        >>> x.tolist()
+        [0.5, 0.5]
+        >>> s.window.free()
+
+    Reference:
+        Nedić, Olshevsky & Shi, "Achieving Geometric Convergence for Distributed Optimization
+        over Time-Varying Graphs", SIAM J. Optim. 2017 (Push-DIGing, Algorithm 2).
+    """
+    fn = "push_diging"
+    local = _local(fn, optimizer)
+    topo = check_topology(fn, topology)
+    if not isinstance(synchronous, bool):
+        raise TypeError(f"{fn}: synchronous must be a bool, got {type(synchronous).__name__} {synchronous!r}")
+
+    def init(params: Params) -> OptState:
+        flatten_params(fn, params)
+        check_world(fn, topo)
+        world = current()
+        weight = torch.ones(world.size if world.simulated else (), dtype=torch.float64)
+        numerator = tree_clone(params)
+        tracker = tree_zeros_like(params)
+        window = Window((numerator, weight, tracker), topo)
+        return PushDigingState(local.init(params), numerator, weight, tracker, tree_zeros_like(params), window)
+
+    def step(params: Params, grads: Grads, state: OptState, step: int) -> tuple[Params, OptState]:
+        step = check_step(fn, step)
+        check_state(fn, state, PushDigingState)
+        g, spec = _grads_or_zeros(fn, params, grads)
+        for name in ("numerator", "tracker", "prev_grads"):
+            flatten_like(fn, f"state.{name}", getattr(state, name), spec)
+        check_world(fn, topo)
+        with torch.no_grad():
+            y = tree_add(state.tracker, tree_sub(g, state.prev_grads))
+            adapted, inner = local.step(state.numerator, y, state.inner, step)
+            numerator, weight, tracker = _push(state.window, (adapted, state.weight, y), step, synchronous)
+            new = pytree.tree_map(lambda x: _divide(x, weight), numerator)
+            prev = tree_clone(g)  # the caller may reuse its gradient buffers in place
+        return finish_tree(new, params), PushDigingState(inner, numerator, weight, tracker, prev, state.window)
 
     return Transformation(init, step)

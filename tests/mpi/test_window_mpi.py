@@ -112,21 +112,26 @@ def test_window_mpi_accumulate_get_weights_equal_simulator(name: str) -> None:
     assert_tree_close(out2, row(second, ME), f"{name}: weighted get + update")
 
 
+ALGORITHMS = {"push_sum": bf.optim.push_sum, "push_diging": bf.optim.push_diging}
+
+
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
 @pytest.mark.parametrize("name", ["exp2", "chord", "one_peer"])
-def test_push_sum_mpi_equals_simulator_and_conserves_mass(name: str) -> None:
+def test_push_sum_mpi_equals_simulator_and_conserves_mass(name: str, algorithm: str) -> None:
     topo = TOPOLOGIES[name]()
+    factory = ALGORITHMS[algorithm]
     x0 = torch.randn(N, 4, generator=torch.Generator().manual_seed(11), dtype=F64)
     target = torch.randn(N, 4, generator=torch.Generator().manual_seed(12), dtype=F64)
     steps = 30
     with bf.simulate(N):
-        opt = bf.optim.push_sum(0.05, topo)
+        opt = factory(0.05, topo)
         state = opt.init(x0)
         x = x0
         for k in range(steps):
             x, state = opt.step(x, x - target, state, k)
         expected, expected_w = x[ME], state.weight[ME]
         state.window.free()
-    opt = bf.optim.push_sum(0.05, topo)
+    opt = factory(0.05, topo)
     xi = x0[ME].clone()
     state = opt.init(xi)
     for k in range(steps):
@@ -134,8 +139,8 @@ def test_push_sum_mpi_equals_simulator_and_conserves_mass(name: str) -> None:
         total = bf.global_sum(state.weight.reshape(1))
         assert_close_everywhere(total, torch.tensor([float(N)], dtype=F64), f"{name}: Σ w at step {k}", **TOL)
     state.window.free()
-    assert_close_everywhere(xi, expected, f"{name}: push_sum iterate vs simulator", **TOL)
-    assert_close_everywhere(state.weight, expected_w, f"{name}: push_sum weight vs simulator", **TOL)
+    assert_close_everywhere(xi, expected, f"{name}: {algorithm} iterate vs simulator", **TOL)
+    assert_close_everywhere(state.weight, expected_w, f"{name}: {algorithm} weight vs simulator", **TOL)
 
 
 def test_push_sum_mpi_reaches_exact_average() -> None:
