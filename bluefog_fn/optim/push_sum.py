@@ -81,6 +81,12 @@ class PushDigingState(NamedTuple):
     window: Window
 
 
+def _device(params: Params) -> torch.device:
+    """Where the parameters live (the window's tree must be on one device)."""
+    leaf = next((t for t in pytree.tree_leaves(params) if isinstance(t, torch.Tensor)), None)
+    return leaf.device if leaf is not None else torch.device("cpu")
+
+
 def _scale(x: torch.Tensor | None, s: torch.Tensor) -> torch.Tensor | None:
     """``s · x`` with ``s`` a scalar (MPI) or one value per agent (``(n,)``, simulator)."""
     if x is None:
@@ -161,7 +167,7 @@ def push_sum(
         flatten_params(fn, params)
         check_world(fn, topo)
         world = current()
-        weight = torch.ones(world.size if world.simulated else (), dtype=torch.float64)
+        weight = torch.ones(world.size if world.simulated else (), dtype=torch.float64, device=_device(params))
         numerator = tree_clone(params)
         window = Window((numerator, weight), topo)
         return PushSumState(local.init(params), numerator, weight, window)
@@ -251,7 +257,7 @@ def push_diging(
         flatten_params(fn, params)
         check_world(fn, topo)
         world = current()
-        weight = torch.ones(world.size if world.simulated else (), dtype=torch.float64)
+        weight = torch.ones(world.size if world.simulated else (), dtype=torch.float64, device=_device(params))
         numerator = tree_clone(params)
         tracker = tree_zeros_like(params)
         window = Window((numerator, weight, tracker), topo)
