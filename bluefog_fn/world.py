@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from .backend.local import LocalTransport
 from .backend.transport import Transport
+from .execute import Resources
 from .plan_cache import AgreedSet, PlanCache
 from .timeline import Timeline, from_env
 
@@ -47,6 +48,10 @@ class World:
     timeline: Timeline | None = None
     # Inside ``bf.sim.vmap``: the stack of agent-index tensors (per-agent mode when non-empty).
     vmap_agents: list[Any] = field(default_factory=list)
+    # Reusable memory: pooled host buffers and pinned staging (bounded; see backend/buffers.py).
+    resources: Resources = field(default_factory=Resources)
+    # A simulated world's cache of stacked executors (owned by bluefog_fn.sim).
+    sim_executors: Any = None
 
     @property
     def simulated(self) -> bool:

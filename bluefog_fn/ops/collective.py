@@ -21,7 +21,7 @@ from ..tracing import trace_collective
 from ..tree import Flat, flatten
 from ..world import World, current
 from .handle import Handle, tracked
-from .neighbor import _is_transformed, resources
+from .neighbor import _is_transformed
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -38,7 +38,7 @@ def _start_reduce(
             raise TypeError(f"{fn}: tree leaf {flat.path(i)} has dtype {t.dtype}, which {fn} does not support")
     plan = trace_collective(world, fn, flat, world.rank)
     agree(world, fn, plan)
-    bufs = pack(plan, tensors, resources(world), upcast_half=True)
+    bufs = pack(plan, tensors, world.resources, upcast_half=True)
     assert world.transport is not None
     pendings = [world.transport.allreduce_sum(host_array(b)) for b in bufs]
     return plan, pendings, bufs
@@ -147,7 +147,7 @@ def broadcast_async(tree: Any, root: int = 0) -> Handle[Any]:
         return broadcast_sim(world, flat, root)
     plan = trace_collective(world, fn, flat, world.rank, root)
     agree(world, fn, plan)
-    res = resources(world)
+    res = world.resources
     if world.rank == root:
         bufs = pack(plan, flat.tensors, res)
     else:
@@ -190,7 +190,7 @@ def allgather_async(tree: Any) -> Handle[Any]:
     plan = trace_collective(world, fn, flat, world.rank, dim0_free=True)
     agree(world, fn, plan, dim0_free=True)
     assert world.transport is not None
-    res = resources(world)
+    res = world.resources
     n = world.size
     # Every rank's first dimensions, so each can size and slice the gathered buffers.
     dims = np.array([t.shape[0] for t in flat.tensors], dtype=np.int64)

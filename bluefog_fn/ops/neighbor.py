@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from ..agreement import agree
-from ..execute import Exchange, Resources
+from ..execute import Exchange
 from ..plan import CommPlan
 from ..tracing import AnyTopology, check_step, trace_mix
 from ..tree import Flat, flatten
@@ -23,15 +23,6 @@ SrcWeights = Mapping[int, float]
 DstWeights = Mapping[int, float] | Sequence[int]
 
 _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def resources(world: World) -> Resources:
-    """The world's reusable buffers, created on first use."""
-    res = getattr(world, "_resources", None)
-    if res is None:
-        res = Resources()
-        world._resources = res  # type: ignore[attr-defined]
-    return res
 
 
 def _check_floating(fn: str, flat: Flat) -> None:
@@ -76,7 +67,7 @@ class _MixRun:
         assert world.transport is not None
         self.world = world
         self.plan = plan
-        self.exchange = None if defer else Exchange(world.transport, resources(world), plan, tensors)
+        self.exchange = None if defer else Exchange(world.transport, world.resources, plan, tensors)
 
     def done(self) -> bool:
         return self.exchange is None or self.exchange.done()
@@ -85,7 +76,7 @@ class _MixRun:
         exchange = self.exchange
         if exchange is None:
             assert self.world.transport is not None
-            exchange = Exchange(self.world.transport, resources(self.world), self.plan, tensors)
+            exchange = Exchange(self.world.transport, self.world.resources, self.plan, tensors)
         self.exchange = None
         return exchange.mix()
 
@@ -212,7 +203,7 @@ def neighbor_gather_async(
     plan = trace_mix(world, fn, flat, topology, step, world.rank, self_weight, src_weights, dst_weights)
     agree(world, fn, plan, per_call_graph=dst_weights is not None)
     assert world.transport is not None
-    exchange = Exchange(world.transport, resources(world), plan, flat.tensors)
+    exchange = Exchange(world.transport, world.resources, plan, flat.tensors)
 
     wanted = None if src_weights is None else set(src_weights)
 

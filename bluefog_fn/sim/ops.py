@@ -28,7 +28,6 @@ import torch
 from ..backend.buffers import BufferPool
 from ..backend.errors import MismatchError
 from ..ops.handle import Handle
-from ..ops.neighbor import resources
 from ..plan import CommPlan
 from ..tracing import AnyTopology, trace_collective, trace_mix
 from ..tree import Flat
@@ -195,10 +194,9 @@ class _ExecCache:
 
 def exec_cache(world: World) -> _ExecCache:
     """The world's cache of stacked executors (created on first use)."""
-    cache = getattr(world, "_sim_exec", None)
+    cache = world.sim_executors
     if cache is None:
-        cache = _ExecCache(resources(world).pool)
-        setattr(world, "_sim_exec", cache)  # noqa: B010  # World is another module's dataclass
+        cache = world.sim_executors = _ExecCache(world.resources.pool)
     assert isinstance(cache, _ExecCache)
     return cache
 
@@ -281,7 +279,7 @@ def global_reduce_sim(world: World, flat: Flat, fn: str, mean: bool) -> Handle[A
     aflat, per_agent = _agent_flat(world, flat, fn)
     for r in range(world.size):
         trace_collective(world, fn, aflat, r)
-    op = ReduceOp(fn, world.size, mean, resources(world).pool)
+    op = ReduceOp(fn, world.size, mean, world.resources.pool)
     return _done(flat.unflatten(apply(op, flat.tensors, per_agent)))
 
 
@@ -291,7 +289,7 @@ def broadcast_sim(world: World, flat: Flat, root: int) -> Handle[Any]:
     aflat, per_agent = _agent_flat(world, flat, fn)
     for r in range(world.size):
         trace_collective(world, fn, aflat, r, root)
-    return _done(flat.unflatten(apply(BroadcastOp(world.size, root, resources(world).pool), flat.tensors, per_agent)))
+    return _done(flat.unflatten(apply(BroadcastOp(world.size, root, world.resources.pool), flat.tensors, per_agent)))
 
 
 def allgather_sim(world: World, flat: Flat) -> Handle[Any]:
@@ -309,4 +307,4 @@ def allgather_sim(world: World, flat: Flat) -> Handle[Any]:
             )
     for r in range(world.size):
         trace_collective(world, fn, aflat, r, dim0_free=True)
-    return _done(flat.unflatten(apply(AllgatherOp(world.size, resources(world).pool), flat.tensors, per_agent)))
+    return _done(flat.unflatten(apply(AllgatherOp(world.size, world.resources.pool), flat.tensors, per_agent)))
