@@ -5,7 +5,12 @@
     bfrun --version
 
 Options other than ``-np``/``-n``, ``--timeline`` and ``--version`` before the program are passed
-to mpiexec unchanged.
+to mpiexec unchanged.  The program starts at the first word that is not an option or an option's
+value; mpiexec options that take values (``-bind-to core``, ``-hosts a,b``, ``-genv K V``...) are
+known by name, and ``--`` ends the options explicitly for anything else:
+
+    bfrun -np 8 -bind-to core -hosts n1,n2 python train.py
+    bfrun -np 8 -someopt value -- python train.py
 """
 
 from __future__ import annotations
@@ -16,7 +21,15 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
-USAGE = "usage: bfrun -np N [--timeline PATH] [mpiexec options] program [args...]"
+USAGE = "usage: bfrun -np N [--timeline PATH] [mpiexec options] [--] program [args...]"
+
+# How many values common mpiexec options (MPICH hydra and Open MPI) take after their name.
+_OPTION_VALUES = {
+    "-bind-to": 1, "--bind-to": 1, "-map-by": 1, "--map-by": 1, "-hosts": 1, "-host": 1, "--host": 1,
+    "-f": 1, "-hostfile": 1, "--hostfile": 1, "-machinefile": 1, "-ppn": 1, "-wdir": 1, "-launcher": 1,
+    "-iface": 1, "-rmk": 1, "-genvlist": 1, "-envlist": 1, "-genv": 2, "-env": 2, "-x": 1, "--mca": 2,
+    "-mca": 2, "-npernode": 1, "--npernode": 1, "-configfile": 1,
+}
 
 
 def find_mpiexec() -> str | None:
@@ -28,20 +41,30 @@ def find_mpiexec() -> str | None:
 
 
 def build_command(argv: Sequence[str], mpiexec: str) -> tuple[list[str], dict[str, str]]:
-    """Parse ``argv`` (without the program name) into the mpiexec command line and extra env."""
+    """Parse ``argv`` (without the program name) into the mpiexec command line and extra env.
+
+    Example:
+        >>> build_command(["-np", "4", "-bind-to", "core", "python", "a.py"], "mpiexec")[0]
+        ['mpiexec', '-n', '4', '-bind-to', 'core', 'python', 'a.py']
+    """
+    args = list(argv)
+    sep = args.index("--") if "--" in args else None
     np_value: str | None = None
     extra_env: dict[str, str] = {}
     passthrough: list[str] = []
-    args = list(argv)
     i = 0
+    unknown_until_sep = False  # an unknown option met before "--": its values run up to "--"
     while i < len(args):
         a = args[i]
+        if a == "--" and i == sep:
+            i += 1
+            break
         if a in ("-np", "-n", "--np"):
             if i + 1 >= len(args):
                 raise SystemExit(f"bfrun: {a} needs a number of processes\n{USAGE}")
             np_value = args[i + 1]
             i += 2
-        elif a.startswith("--timeline"):
+        elif a == "--timeline" or a.startswith("--timeline="):
             if "=" in a:
                 extra_env["BLUEFOG_FN_TIMELINE"] = a.split("=", 1)[1]
                 i += 1
@@ -51,7 +74,16 @@ def build_command(argv: Sequence[str], mpiexec: str) -> tuple[list[str], dict[st
                 extra_env["BLUEFOG_FN_TIMELINE"] = args[i + 1]
                 i += 2
         elif a.startswith("-"):
-            passthrough.append(a)
+            arity = _OPTION_VALUES.get(a)
+            if arity is None:
+                arity = 0
+                unknown_until_sep = sep is not None and sep > i
+            if i + arity >= len(args):
+                raise SystemExit(f"bfrun: mpiexec option {a} needs {arity} value(s)\n{USAGE}")
+            passthrough.extend(args[i : i + 1 + arity])
+            i += 1 + arity
+        elif unknown_until_sep:
+            passthrough.append(a)  # a value of an option we do not know; "--" ends them
             i += 1
         else:
             break

@@ -77,6 +77,20 @@ def test_bfrun_passes_mpiexec_options_and_timeline() -> None:
     assert env == {"BLUEFOG_FN_TIMELINE": "/tmp/tl"}
 
 
+def test_bfrun_knows_which_mpiexec_options_take_values() -> None:
+    cmd, _ = build_command(["-bind-to", "core", "-np", "2", "-genv", "A", "1", "python", "x.py"], "mpiexec")
+    assert cmd == ["mpiexec", "-n", "2", "-bind-to", "core", "-genv", "A", "1", "python", "x.py"]
+    cmd, _ = build_command(["-np", "2", "-custom", "v", "--", "python", "x.py"], "mpiexec")
+    assert cmd == ["mpiexec", "-n", "2", "-custom", "v", "python", "x.py"]
+    # A "--" inside the program's own arguments is the program's business.
+    cmd, _ = build_command(["-np", "2", "python", "x.py", "--", "--flag"], "mpiexec")
+    assert cmd == ["mpiexec", "-n", "2", "python", "x.py", "--", "--flag"]
+    cmd, _ = build_command(["-np", "2", "--", "python", "x.py"], "mpiexec")
+    assert cmd == ["mpiexec", "-n", "2", "python", "x.py"]
+    with pytest.raises(SystemExit, match="option -hosts needs 1 value"):
+        build_command(["-np", "2", "-hosts"], "mpiexec")
+
+
 def test_bfrun_without_mpiexec_says_so(tmp_path: os.PathLike[str]) -> None:
     # A Python whose directory has no mpiexec and a PATH without one.
     code = "import sys; from bluefog_fn.cli import main; sys.executable = '/nonexistent/python'; sys.exit(main(['-np', '2', 'true']))"
