@@ -93,7 +93,29 @@ def _build_fingerprint(
     return digest.hexdigest()
 
 
-class Topology:
+class _FrozenValue:
+    """Value semantics shared by both topology types: immutable after construction, equal and
+    hashed by fingerprint (subclasses set ``_fingerprint`` with ``object.__setattr__``)."""
+
+    __slots__ = ()
+    _fingerprint: str
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable; cannot set {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable; cannot delete {name!r}")
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return self._fingerprint == other._fingerprint
+
+    def __hash__(self) -> int:
+        return hash(self._fingerprint)
+
+
+class Topology(_FrozenValue):
     """A static, weighted, directed communication graph over ``size`` agents.
 
     An edge ``(src, dst, weight)`` means *src sends its value to dst* and the receiver ``dst``
@@ -300,20 +322,6 @@ class Topology:
         set_(self, "_matrix", None)
 
     # ------------------------------------------------------------------ value semantics
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError(f"Topology is immutable; cannot set {name!r}")
-
-    def __delattr__(self, name: str) -> None:
-        raise AttributeError(f"Topology is immutable; cannot delete {name!r}")
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Topology):
-            return NotImplemented
-        return self._fingerprint == other._fingerprint
-
-    def __hash__(self) -> int:
-        return hash(self._fingerprint)
 
     def __repr__(self) -> str:
         return (
@@ -630,7 +638,7 @@ def _restore_topology(
     )
 
 
-class DynamicTopology:
+class DynamicTopology(_FrozenValue):
     """A time-varying topology: a periodic sequence of static :class:`Topology` graphs.
 
     The graph used at step ``t`` is ``graphs[t mod period]`` — a pure function of ``t``, so
@@ -690,20 +698,6 @@ class DynamicTopology:
         set_(self, "_name", name)
         set_(self, "_size", size)
         set_(self, "_fingerprint", digest.hexdigest())
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError(f"DynamicTopology is immutable; cannot set {name!r}")
-
-    def __delattr__(self, name: str) -> None:
-        raise AttributeError(f"DynamicTopology is immutable; cannot delete {name!r}")
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, DynamicTopology):
-            return NotImplemented
-        return self._fingerprint == other._fingerprint
-
-    def __hash__(self) -> int:
-        return hash(self._fingerprint)
 
     def __repr__(self) -> str:
         return (
