@@ -23,8 +23,6 @@ from ..world import World, current
 from .handle import Handle, tracked
 from .neighbor import _is_transformed
 
-_HALF = (torch.float16, torch.bfloat16)
-
 
 def _device(flat: Flat) -> torch.device:
     return flat.tensors[0].device if flat.tensors else torch.device("cpu")

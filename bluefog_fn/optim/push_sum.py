@@ -100,6 +100,23 @@ def _divide(x: torch.Tensor | None, w: torch.Tensor) -> torch.Tensor | None:
     return x / w.to(x.dtype).reshape(w.shape + (1,) * (x.dim() - w.dim())).to(x.device)
 
 
+def _checked(
+    fn: str, optimizer: Transformation | ScalarOrSchedule, topology: AnyTopology, synchronous: object
+) -> tuple[Transformation, AnyTopology]:
+    """The construction-time checks shared by the push-sum family."""
+    local = _local(fn, optimizer)
+    topo = check_topology(fn, topology)
+    if not isinstance(synchronous, bool):
+        raise TypeError(f"{fn}: synchronous must be a bool, got {type(synchronous).__name__} {synchronous!r}")
+    return local, topo
+
+
+def _unit_weight(params: Params) -> torch.Tensor:
+    """The initial push-sum weight ``w = 1``: a float64 scalar, one per agent in the simulator."""
+    world = current()
+    return torch.ones(world.size if world.simulated else (), dtype=torch.float64, device=_device(params))
+
+
 def push_sum(
     optimizer: Transformation | ScalarOrSchedule,
     topology: AnyTopology,
@@ -158,16 +175,12 @@ def push_sum(
         TAC 2015.
     """
     fn = "push_sum"
-    local = _local(fn, optimizer)
-    topo = check_topology(fn, topology)
-    if not isinstance(synchronous, bool):
-        raise TypeError(f"{fn}: synchronous must be a bool, got {type(synchronous).__name__} {synchronous!r}")
+    local, topo = _checked(fn, optimizer, topology, synchronous)
 
     def init(params: Params) -> OptState:
         flatten_params(fn, params)
         check_world(fn, topo)
-        world = current()
-        weight = torch.ones(world.size if world.simulated else (), dtype=torch.float64, device=_device(params))
+        weight = _unit_weight(params)
         numerator = tree_clone(params)
         window = Window((numerator, weight), topo)
         return PushSumState(local.init(params), numerator, weight, window)
@@ -248,16 +261,12 @@ def push_diging(
         over Time-Varying Graphs", SIAM J. Optim. 2017 (Push-DIGing, Algorithm 2).
     """
     fn = "push_diging"
-    local = _local(fn, optimizer)
-    topo = check_topology(fn, topology)
-    if not isinstance(synchronous, bool):
-        raise TypeError(f"{fn}: synchronous must be a bool, got {type(synchronous).__name__} {synchronous!r}")
+    local, topo = _checked(fn, optimizer, topology, synchronous)
 
     def init(params: Params) -> OptState:
         flatten_params(fn, params)
         check_world(fn, topo)
-        world = current()
-        weight = torch.ones(world.size if world.simulated else (), dtype=torch.float64, device=_device(params))
+        weight = _unit_weight(params)
         numerator = tree_clone(params)
         tracker = tree_zeros_like(params)
         window = Window((numerator, weight, tracker), topo)
