@@ -30,7 +30,7 @@ from .ops import (
     neighbor_mean_async,
 )
 from .ops.window import Window
-from .optim import broadcast_parameters
+from .optim import allreduce_parameters, broadcast_parameters
 from .plan import CommPlan
 from .plan_cache import CacheInfo
 from .sim import simulate
@@ -49,6 +49,7 @@ __all__ = [
     "__version__",
     "allgather",
     "allgather_async",
+    "allreduce_parameters",
     "barrier",
     "barrier_async",
     "broadcast",

@@ -47,7 +47,12 @@ from .base import (
     exponential_decay,
 )
 from .local import AdamState, SgdState, adam, sgd
-from .module import DecentralizedOptimizer, broadcast_optimizer_state, broadcast_parameters
+from .module import (
+    DecentralizedOptimizer,
+    allreduce_parameters,
+    broadcast_optimizer_state,
+    broadcast_parameters,
+)
 from .push_sum import PushDigingState, PushSumState, push_diging, push_sum
 
 # States are checkpointed with torch.save; torch.load's default weights_only unpickler only
@@ -74,6 +79,7 @@ __all__ = [
     "Transformation",
     "adam",
     "allreduce",
+    "allreduce_parameters",
     "atc",
     "awc",
     "broadcast_optimizer_state",

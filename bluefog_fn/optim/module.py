@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..ops import broadcast
+from ..ops import broadcast, global_mean
 from ..world import current
 from .algorithms import Mixing
 from .base import AnyTopology, Params, fail
@@ -194,6 +194,43 @@ def broadcast_parameters(params: nn.Module | Params, root: int = 0) -> Params:
         for name, tensor in named.items():
             tensor.copy_(received[name])
     return received
+
+
+def allreduce_parameters(params: nn.Module | Params) -> Params:
+    """Average the parameters over all ranks, :math:`x ← \\tfrac1n \\sum_r x_r` (BlueFog's ``allreduce_parameters``).
+
+    For a pytree this is :func:`bluefog_fn.global_mean`: a new tree is returned, the input is
+    untouched (in ``bf.simulate(n)`` too, over the agent dimension). For an ``nn.Module`` its
+    floating-point parameters are averaged and **copied into the module in place** (like
+    :func:`broadcast_parameters`), and the averaged ``{name: tensor}`` dict is returned.
+    Buffers are left alone (BlueFog averages what it is given, usually
+    ``named_parameters()``); integer buffers such as batch-norm counters have no mean.
+
+    Args:
+        params: an ``nn.Module`` or a pytree of floating tensors (same structure on every rank).
+
+    Returns:
+        The averaged tree (for a module: ``{name: tensor}`` of its floating parameters).
+
+    Raises:
+        TypeError: for an ``nn.Module`` inside ``bf.simulate`` (a module holds one agent).
+
+    Example:
+        >>> import torch, bluefog_fn as bf
+        >>> model = torch.nn.Linear(2, 1)
+        >>> averaged = bf.allreduce_parameters(model)
+        >>> torch.equal(model.weight.detach(), averaged["weight"])
+        True
+    """
+    if not isinstance(params, nn.Module):
+        return global_mean(params)
+    _process_world("allreduce_parameters")
+    named = {k: v for k, v in params.named_parameters() if v.dtype.is_floating_point or v.dtype.is_complex}
+    averaged: dict[str, torch.Tensor] = global_mean({k: v.detach() for k, v in named.items()})
+    with torch.no_grad():
+        for name, tensor in named.items():
+            tensor.copy_(averaged[name])
+    return averaged
 
 
 def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root: int = 0) -> None:

@@ -9,10 +9,14 @@ Example:
     (1, 3)
     >>> T.one_peer_exponential_two(8).at(1).in_neighbors(0)
     (6,)
+    >>> T.inner_outer_ring(8, local_size=4).at(0).in_neighbors(0)
+    (4,)
 """
 
 from __future__ import annotations
 
+# Graph discovery is a collective, so it lives with the ops; it is listed here with the graphs.
+from bluefog_fn.ops.infer import infer_destinations, infer_sources
 from bluefog_fn.topology.builders import (
     exponential,
     exponential_two,
@@ -26,7 +30,14 @@ from bluefog_fn.topology.builders import (
     symmetric_exponential,
 )
 from bluefog_fn.topology.graph import AnyTopology, DynamicTopology, Topology
-from bluefog_fn.topology.schedules import base_graph, one_peer_exponential_two
+from bluefog_fn.topology.schedules import (
+    base_graph,
+    inner_outer_exponential_two,
+    inner_outer_ring,
+    machine_one_peer_exponential_two,
+    one_peer,
+    one_peer_exponential_two,
+)
 
 __all__ = [
     "AnyTopology",
@@ -39,7 +50,13 @@ __all__ = [
     "from_networkx",
     "fully_connected",
     "hypercube",
+    "infer_destinations",
+    "infer_sources",
+    "inner_outer_exponential_two",
+    "inner_outer_ring",
+    "machine_one_peer_exponential_two",
     "mesh_grid_2d",
+    "one_peer",
     "one_peer_exponential_two",
     "ring",
     "star",

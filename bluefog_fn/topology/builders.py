@@ -49,25 +49,40 @@ def _size(where: str, n: object) -> int:
     return _require_int(where, "n", n, minimum=1)
 
 
-def ring(n: int) -> Topology:
-    """Bidirectional ring: rank ``r`` receives from ``r − 1`` and ``r + 1`` (mod ``n``).
+def ring(n: int, style: int = 0) -> Topology:
+    """Ring: both directions (``style=0``, the default) or one direction (BlueFog's styles 1, 2).
 
-    Uniform weights: ``W[r, r] = W[r, r ± 1] = 1/3`` for ``n >= 3``; for ``n = 2`` the two
-    neighbours coincide (one neighbour, weights ``1/2``); ``n = 1`` has no edges.
+    * ``style=0``: rank ``r`` receives from ``r − 1`` and ``r + 1`` (mod ``n``) with uniform
+      weights ``W[r, r] = W[r, r ± 1] = 1/3`` for ``n >= 3``;
+    * ``style=1`` ("left"): every rank sends to ``r − 1``, i.e. receives from ``r + 1``, and
+      ``W[r, r] = W[r, r + 1] = 1/2``;
+    * ``style=2`` ("right"): every rank sends to ``r + 1``, i.e. receives from ``r − 1``, and
+      ``W[r, r] = W[r, r − 1] = 1/2``.
+
+    These are the connect styles of BlueFog's ``RingGraph(size, connect_style)``. Every style
+    is doubly stochastic. For ``n = 2`` the two neighbours coincide and all styles give the same
+    graph (one neighbour, weights ``1/2``); ``n = 1`` has no edges.
 
     Args:
         n: Number of agents, an int ``>= 1``.
+        style: ``0`` (both directions), ``1`` (send left) or ``2`` (send right).
 
     Raises:
-        ValueError: if ``n`` is not an int ``>= 1``.
+        ValueError: if ``n`` is not an int ``>= 1`` or ``style`` is not one of 0, 1, 2.
 
     Example:
         >>> t = ring(4)
         >>> t.in_neighbors(0), t.self_weight(0)
         ((1, 3), 0.3333333333333333)
+        >>> ring(4, style=1).in_neighbors(0), ring(4, style=2).in_neighbors(0)
+        ((1,), (3,))
     """
     size = _size("ring", n)
-    pairs = [((r + delta) % size, r) for r in range(size) for delta in (-1, 1)]
+    how: object = style  # typed int, but checked at run time like every argument
+    if isinstance(how, bool) or not isinstance(how, numbers.Integral) or int(how) not in (0, 1, 2):
+        _fail("ring", f"style must be 0 (both directions), 1 (left) or 2 (right), got {style!r}")
+    deltas = {0: (-1, 1), 1: (1,), 2: (-1,)}[int(how)]  # receive from r + delta
+    pairs = [((r + delta) % size, r) for r in range(size) for delta in deltas]
     return _uniform("ring", size, [(s, d) for s, d in pairs if s != d])
 
 
@@ -234,31 +249,44 @@ def exponential(n: int, base: int) -> Topology:
     return _exponential("exponential", n, base)
 
 
-def symmetric_exponential(n: int) -> Topology:
-    """Undirected exponential-2 graph: rank ``r`` receives from ``r ± 2^i`` (mod n), ``2^i < n``.
+def symmetric_exponential(n: int, base: int = 2) -> Topology:
+    """Undirected exponential graph: rank ``r`` receives from ``r ± base^i`` (mod n), ``base^i < n``.
 
-    The union of both directions without repeats (``r + 2^i ≡ r − 2^j`` is counted once);
-    uniform weights. Symmetric, hence doubly stochastic.
+    The union of :func:`exponential` ``(n, base)`` and its reverse, without repeats
+    (``r + base^i ≡ r − base^j`` is counted once); uniform weights. Symmetric, hence doubly
+    stochastic.
+
+    Differs from BlueFog's ``SymmetricExponentialGraph(size, base=4)`` in two ways: the default
+    base is 2 here (pass ``base=4`` for BlueFog's), and BlueFog keeps only the offsets ``k`` whose
+    distance around the ring, ``min(k, n − k)``, is a power of ``base`` — it drops ``± base^i``
+    when ``n/2 < base^i < n`` and ``n − base^i`` is no power of ``base``. The two graphs are
+    equal when no power of ``base`` lies strictly between ``n/2`` and ``n`` (e.g. ``n`` a power
+    of ``base``), and for base 2 whenever ``n`` has at most two bits set; for ``n = 7`` this
+    graph is complete while BlueFog's has degree 4.
 
     Args:
         n: Number of agents, an int ``>= 1``.
+        base: The base, an int ``>= 2``.
 
     Raises:
-        ValueError: if ``n`` is not an int ``>= 1``.
+        ValueError: if ``n`` is not an int ``>= 1`` or ``base`` is not an int ``>= 2``.
 
     Example:
         >>> symmetric_exponential(8).in_neighbors(0)
         (1, 2, 4, 6, 7)
+        >>> symmetric_exponential(16, base=4).in_neighbors(0)
+        (1, 4, 12, 15)
     """
     size = _size("symmetric_exponential", n)
+    b = _require_int("symmetric_exponential", "base", base, minimum=2)
     pairs = []
     power = 1
     while power < size:
         for r in range(size):
             pairs.append(((r - power) % size, r))
             pairs.append(((r + power) % size, r))
-        power *= 2
-    return _uniform("symmetric_exponential", size, pairs)
+        power *= b
+    return _uniform("symmetric_exponential", size, [(s, d) for s, d in pairs if s != d])
 
 
 def hypercube(n: int) -> Topology:

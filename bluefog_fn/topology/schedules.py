@@ -9,11 +9,23 @@ non-power-of-two ``n``, approximately).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import math
+from collections.abc import Callable, Iterable, Sequence
 
-from bluefog_fn.topology.graph import DynamicTopology, Topology, _require_int
+from bluefog_fn.topology.graph import DynamicTopology, Topology, _fail, _require_int
 
-__all__ = ["base_graph", "one_peer_exponential_two"]
+__all__ = [
+    "base_graph",
+    "inner_outer_exponential_two",
+    "inner_outer_ring",
+    "machine_one_peer_exponential_two",
+    "one_peer",
+    "one_peer_exponential_two",
+]
+
+# ``one_peer`` stores one graph per step of its period (the lcm of the out-degrees), which an
+# irregular graph can make huge; past this many steps the schedule is refused, not built.
+MAX_ONE_PEER_PERIOD = 10_000
 
 
 def one_peer_exponential_two(n: int) -> DynamicTopology:
@@ -54,6 +66,231 @@ def one_peer_exponential_two(n: int) -> DynamicTopology:
         edges = [(r, (r + shift) % size, 0.5) for r in range(size)]
         graphs.append(Topology._create("one_peer_exponential_two", size, edges, [0.5] * size))
     return DynamicTopology(graphs, name=f"one_peer_exponential_two({size})")
+
+
+def _one_peer_step(where: str, size: int, sends: Sequence[int | None]) -> Topology:
+    """One step in which rank ``r`` sends to ``sends[r]`` (or to nobody for ``None``).
+
+    Weights are BlueFog's for its one-peer schedules: a receiver averages uniformly over
+    itself and what it received, ``1/(d + 1)`` each for ``d`` messages.
+    """
+    senders: list[list[int]] = [[] for _ in range(size)]
+    for src, dst in enumerate(sends):
+        if dst is not None:
+            senders[dst].append(src)
+    edges = [(src, dst, 1.0 / (len(senders[dst]) + 1)) for dst in range(size) for src in senders[dst]]
+    return Topology._create(where, size, edges, [1.0 / (len(s) + 1) for s in senders])
+
+
+def one_peer(topology: Topology) -> DynamicTopology:
+    """BlueFog's one-peer schedule over a static graph: each rank sends to one out-neighbour per step.
+
+    Rank ``r``'s out-neighbours are ordered clockwise from ``r`` — by ``(j − r) mod n`` — and at
+    step ``t`` it sends to the ``(t mod d_r)``-th of its ``d_r`` out-neighbours (ranks without
+    out-neighbours send nothing). A receiver of ``m`` messages at step ``t`` weights itself
+    and each of them ``1/(m + 1)`` (BlueFog's uniform ``self + received`` average); the base
+    graph's own weights are not used. The period is the lcm of the non-zero out-degrees.
+
+    Every step is row-stochastic with positive self weights. It is doubly stochastic exactly
+    when, at that step, every rank receives as many messages as it sends (a permutation) — for
+    regular circulant graphs such as :func:`~bluefog_fn.topology.exponential_two` or a ring; a
+    star's hub receives from every leaf at once, so there it is not. This is BlueFog's
+    ``GetDynamicOnePeerSendRecvRanks(topo, rank)`` as a pure function of the step.
+
+    Args:
+        topology: A static :class:`~bluefog_fn.topology.Topology`.
+
+    Raises:
+        TypeError: if ``topology`` is not a static ``Topology``.
+        ValueError: if the period would exceed ``MAX_ONE_PEER_PERIOD`` (10 000) steps.
+
+    Example:
+        >>> from bluefog_fn.topology import exponential_two
+        >>> d = one_peer(exponential_two(8))
+        >>> d.period, [d.at(t).out_neighbors(0) for t in range(4)]
+        (3, [(1,), (2,), (4,), (1,)])
+        >>> d.at(1).recv_weights(0), d.at(1).self_weight(0)
+        ({6: 0.5}, 0.5)
+    """
+    where = "one_peer"
+    if not isinstance(topology, Topology):
+        raise TypeError(f"{where}: topology must be a static bf.topology Topology, got {type(topology).__name__}")
+    size = topology.size
+    # Clockwise from r: the offset (j − r) mod n orders the out-neighbours.
+    order = [sorted(topology.out_neighbors(r), key=lambda j: (j - r) % size) for r in range(size)]
+    period = 1
+    for targets in order:
+        if targets:
+            period = math.lcm(period, len(targets))
+    if period > MAX_ONE_PEER_PERIOD:
+        _fail(
+            where,
+            f"the schedule's period, the lcm of the out-degrees {sorted({len(o) for o in order})}, "
+            f"is {period} > {MAX_ONE_PEER_PERIOD} steps; make the out-degrees more uniform",
+        )
+    graphs = [
+        _one_peer_step(where, size, [o[t % len(o)] if o else None for o in order]) for t in range(period)
+    ]
+    return DynamicTopology(graphs, name=f"one_peer({topology!r})")
+
+
+def machine_one_peer_exponential_two(n_machines: int) -> DynamicTopology:
+    """The machine graph of BlueFog's hierarchical default: one-peer exponential-2 over machines.
+
+    At step ``t`` machine ``m`` sends to ``(m + 2^k) mod M`` and receives from ``(m − 2^k) mod M``
+    with ``k = t mod ⌈log₂ M⌉``, weights ``½`` on itself and ``½`` on the received value — BlueFog's
+    ``GetExp2DynamicSendRecvMachineRanks`` as a pure function of the step. The graphs are those
+    of :func:`one_peer_exponential_two` ``(n_machines)`` (so the two compare equal); this name
+    says what it is for: the ``machine_topology`` of
+    :func:`bluefog_fn.hierarchical_neighbor_mean`. ``n_machines = 1`` gives one edgeless graph.
+
+    Args:
+        n_machines: Number of machines ``M``, an int ``>= 1`` (``bf.machine_size()``).
+
+    Raises:
+        ValueError: if ``n_machines`` is not an int ``>= 1``.
+
+    Example:
+        >>> d = machine_one_peer_exponential_two(4)
+        >>> d.period, [d.at(t).in_neighbors(0) for t in range(2)]
+        (2, [(3,), (2,)])
+    """
+    size = _require_int("machine_one_peer_exponential_two", "n_machines", n_machines, minimum=1)
+    graphs = one_peer_exponential_two(size).graphs
+    return DynamicTopology(graphs, name=f"machine_one_peer_exponential_two({size})")
+
+
+def _machines(where: str, n: object, local_size: object) -> tuple[int, int]:
+    size = _require_int(where, "n", n, minimum=1)
+    local = _require_int(where, "local_size", local_size, minimum=1)
+    if size % local:
+        _fail(where, f"n = {size} is not a multiple of local_size = {local} (machines must be equal)")
+    if local == 2:
+        # The inner ring of the one other local rank is empty, so local rank 0 and 1 would
+        # never exchange: the schedule would not average (BlueFog refuses it too).
+        _fail(
+            where,
+            "local_size = 2 leaves no inner ring (ranks 2m and 2m + 1 would never mix); use "
+            "bf.hierarchical_neighbor_mean or one_peer(...) instead",
+        )
+    return size, local
+
+
+def _inner_outer(
+    where: str,
+    name: str,
+    size: int,
+    local: int,
+    period: int,
+    outer_shift: Callable[[int], int],
+    inner_shift: Callable[[int], int],
+) -> DynamicTopology:
+    """Steps where local rank ``t mod L`` of every machine talks across machines, the rest inside.
+
+    Machine ``m``'s outgoing rank sends to the same local rank of machine ``m + outer_shift(t)``.
+    The other ``L − 1`` local ranks form a cycle that skips the outgoing one (position ``p`` of
+    local rank ``l`` is ``(l − out − 1) mod L``) and each sends ``inner_shift(t)`` positions ahead.
+    A shift of zero (one machine, or a cycle of one) leaves those ranks idle for the step.
+    """
+    machines = size // local
+    graphs = []
+    for t in range(period):
+        out = t % local
+        sends: list[int | None] = [None] * size
+        outer = outer_shift(t) % machines
+        inner = inner_shift(t) % (local - 1) if local > 1 else 0
+        for m in range(machines):
+            if outer:
+                sends[m * local + out] = ((m + outer) % machines) * local + out
+            if inner:
+                for p in range(local - 1):
+                    src = (out + 1 + p) % local
+                    dst = (out + 1 + (p + inner) % (local - 1)) % local
+                    sends[m * local + src] = m * local + dst
+        graphs.append(_one_peer_step(where, size, sends))
+    return DynamicTopology(graphs, name=name)
+
+
+def _floor_log2(x: int) -> int:
+    return x.bit_length() - 1
+
+
+def inner_outer_ring(n: int, local_size: int) -> DynamicTopology:
+    """BlueFog's inner-ring / outer-ring schedule for ``n / local_size`` machines of ``local_size`` ranks.
+
+    Ranks ``m·L … m·L + L − 1`` form machine ``m`` (``L = local_size``, ``M = n / L``). At step
+    ``t``, local rank ``o = t mod L`` of every machine sends to local rank ``o`` of machine
+    ``m + 1 (mod M)`` — one message per machine crosses machines — while the other ``L − 1``
+    local ranks pass their value one step around an inner ring that skips ``o``. Everyone
+    receives exactly one message and weights it and itself ``½``, so every step is a
+    permutation average, doubly stochastic; the period is ``L``. BlueFog's
+    ``GetInnerOuterRingDynamicSendRecvRanks`` as a pure function of the step.
+
+    Edge cases BlueFog rejects: with one machine (``n = L``) the outgoing rank idles for the
+    step; with ``local_size = 1`` every rank is outgoing (a one-directional ring of machines).
+    ``local_size = 2`` is refused: no inner ring, so the schedule would not average.
+
+    Args:
+        n: Number of ranks, an int ``>= 1``.
+        local_size: Ranks per machine, an int ``>= 1`` and ``!= 2`` dividing ``n``.
+
+    Raises:
+        ValueError: on a bad ``n`` or ``local_size``, or ``local_size`` not dividing ``n``.
+
+    Example:
+        >>> d = inner_outer_ring(8, 4)
+        >>> d.period, d.at(0).out_neighbors(0), d.at(0).out_neighbors(1), d.at(0).out_neighbors(3)
+        (4, (4,), (2,), (1,))
+    """
+    where = "inner_outer_ring"
+    size, local = _machines(where, n, local_size)
+    return _inner_outer(
+        where, f"inner_outer_ring({size}, {local})", size, local, local, lambda t: 1, lambda t: 1
+    )
+
+
+def inner_outer_exponential_two(n: int, local_size: int) -> DynamicTopology:
+    """BlueFog's inner/outer exponential-2 schedule: :func:`inner_outer_ring` with doubling hops.
+
+    As in :func:`inner_outer_ring`, at step ``t`` local rank ``o = t mod L`` of every machine
+    talks across machines and the other ``L − 1`` form an inner cycle that skips ``o``; but the
+    outgoing rank of machine ``m`` sends to machine ``m + 2^(t mod (a + 1))`` with
+    ``a = ⌊log₂(M − 1)⌋``, and inner ranks send ``2^(t mod (b + 1))`` places ahead on the inner
+    cycle, ``b = ⌊log₂(L − 2)⌋`` (``a = 0`` for ``M <= 2``, ``b = 0`` for ``L <= 3``). Weights ``½``
+    on itself and the one received value: every step is doubly stochastic. The period is
+    ``lcm(L, a + 1, b + 1)``. BlueFog's ``GetInnerOuterExpo2DynamicSendRecvRanks`` as a pure
+    function of the step — including its quirk that a local rank may only ever cross machines
+    at some of the distances (e.g. ``M = 16, L = 4``: local rank 1 always hops 2 machines).
+
+    Edge cases as in :func:`inner_outer_ring` (one machine, ``local_size`` 1; 2 is refused).
+
+    Args:
+        n: Number of ranks, an int ``>= 1``.
+        local_size: Ranks per machine, an int ``>= 1`` and ``!= 2`` dividing ``n``.
+
+    Raises:
+        ValueError: on a bad ``n`` or ``local_size``, or ``local_size`` not dividing ``n``.
+
+    Example:
+        >>> d = inner_outer_exponential_two(20, 5)
+        >>> d.period, [d.at(t).out_neighbors(0) for t in (0, 5, 10)]
+        (10, [(5,), (10,), (5,)])
+    """
+    where = "inner_outer_exponential_two"
+    size, local = _machines(where, n, local_size)
+    machines = size // local
+    a = _floor_log2(machines - 1) if machines > 2 else 0
+    b = _floor_log2(local - 2) if local > 3 else 0
+    period = math.lcm(local, a + 1, b + 1)
+    return _inner_outer(
+        where,
+        f"inner_outer_exponential_two({size}, {local})",
+        size,
+        local,
+        period,
+        lambda t: 1 << (t % (a + 1)),
+        lambda t: 1 << (t % (b + 1)),
+    )
 
 
 # --------------------------------------------------------------------------- Base-(k+1) graph
