@@ -57,7 +57,9 @@ def bench(session: nox.Session) -> None:
 
 @nox.session(python=PY)
 def docs(session: nox.Session) -> None:
-    """Run the docstring examples of the public API (they are written for a world of one)."""
-    _install(session)
+    """The docstring examples (a world of one), then the site, strict: a warning or a broken link fails."""
+    _install(session, "dev,docs")
     session.run("python", "-m", "pytest", "--doctest-modules", "bluefog_fn", "backend", "-q",
                 "-o", "addopts=--strict-markers", "-p", "no:cacheprovider")
+    session.run("python", "-m", "pytest", "tests/test_docs.py", "tests/test_tutorial.py", "-q", "-p", "no:cacheprovider")
+    session.run("mkdocs", "build", "--strict", *session.posargs, env={"NO_MKDOCS_2_WARNING": "1"})

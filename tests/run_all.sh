@@ -14,6 +14,9 @@ for np in 2 4; do
         -o addopts="--strict-markers" --timeout 240 -x "$@"
 done
 
+echo "=== the tutorial's algorithm (examples/extra.py) under bfrun, 4 ranks ==="
+timeout 600 bfrun -np 4 python examples/extra.py --check 1e-8
+
 echo "=== hierarchical ops, 4 ranks as 2 machines of 2 ==="
 BLUEFOG_FN_RANKS_PER_MACHINE=2 timeout 600 bfrun -np 4 python -m pytest tests/mpi/test_hierarchical.py \
     -q -p no:cacheprovider -o addopts="--strict-markers" --timeout 240 -x "$@"
