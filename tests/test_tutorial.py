@@ -1,6 +1,7 @@
-"""The tutorial's algorithm (examples/extra.py) against a dense float64 reference, in the simulator.
+"""The programs the docs show: the tutorial's algorithm (examples/extra.py) against a dense float64
+reference in the simulator, and the quick start (examples/quickstart.py).
 
-The docs' tutorial shows this file; testing it here keeps the page true.
+The docs include these files; testing them here keeps the pages true.
 """
 
 from __future__ import annotations
@@ -79,3 +80,11 @@ def test_optimum_solves_the_normal_equations() -> None:
     xstar = extra.optimum(8)
     total = sum(extra.gradient(*extra.make_data(r), xstar) for r in range(8))
     assert float(torch.as_tensor(total).abs().max()) < 1e-12
+
+
+def test_quickstart_example_fits_the_model_in_a_world_of_one() -> None:
+    spec = importlib.util.spec_from_file_location("quickstart_example", ROOT / "examples" / "quickstart.py")
+    assert spec is not None and spec.loader is not None
+    quickstart = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quickstart)
+    assert quickstart.main(steps=300) < 2e-4  # the noise floor is 1e-4 (σ = 0.01)
