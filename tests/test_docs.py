@@ -7,6 +7,7 @@ docstring that breaks the strict build (a warning, a broken link), fails here.
 
 from __future__ import annotations
 
+import html
 import importlib.util
 import os
 import re
@@ -121,3 +122,13 @@ def test_every_environment_variable_of_the_package_is_documented() -> None:
     assert used, "expected the package to read BLUEFOG_FN_* variables"
     missing = sorted(v for v in used if f"`{v}`" not in page)
     assert not missing, f"docs/environment.md does not document {missing}"
+
+
+def test_tutorial_and_quickstart_pages_include_the_tested_code(site: Path) -> None:
+    # The pages pull code from files the test suite runs; an emptied snippet must not pass.
+    tutorial = html.unescape(re.sub(r"<[^>]+>", "", (site / "tutorial" / "index.html").read_text()))
+    for needle in ("def extra(lr", "class ExtraState", "def make_data(", "def run(opt",
+                   "simulated = bf.size() == 1", "def _dense_extra(", "def test_extra_matches_the_dense_reference"):
+        assert needle in tutorial, needle
+    quickstart = html.unescape(re.sub(r"<[^>]+>", "", (site / "quickstart" / "index.html").read_text()))
+    assert "opt = bf.optim.atc(bf.optim.sgd(0.05)" in quickstart

@@ -35,11 +35,12 @@ class ReferencePage:
         return "bf" if self.module == PACKAGE else "bf." + self.module.removeprefix(PACKAGE + ".")
 
     def markdown(self) -> str:
-        module = importlib.import_module(self.module)
-        summary = (module.__doc__ or "").strip().splitlines()
-        lines = [f"# `{self.title}`", ""]
-        if summary:
-            lines += [summary[0], ""]
+        # The module's own docstring first (its overview), without its members: those follow,
+        # one block per public name, in __all__ order.
+        lines = [
+            f"# `{self.title}`", "",
+            f"::: {self.module}", "    options:", "      members: false", "      show_root_heading: false", "",
+        ]
         if self.submodules:
             lines += ["Modules:", ""]
             for sub in self.submodules:

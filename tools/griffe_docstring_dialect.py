@@ -6,6 +6,8 @@ The docstrings are Google style with three habits griffe would render literally:
   last dotted component when the target starts with ``~``);
 * ``.. math::`` blocks (and the one-line ``.. math:: formula``) become fenced blocks of their
   LaTeX source;
+* a paragraph ending in ``::`` (reST's literal-block marker) ends in ``:``, its indented block
+  staying a code block in Markdown;
 * an ``Example:`` heading becomes ``Examples:``, the section griffe parses as doctest code
   (``Example:`` alone would be an admonition whose ``>>>`` lines are read as Markdown).
 """
@@ -19,6 +21,7 @@ import griffe
 
 _ROLE = re.compile(r":(?:py:)?(?:func|class|meth|mod|data|attr|exc|obj|const):`(~?)([^`]+)`")
 _MATH_INLINE = re.compile(r"^(?P<indent>[ \t]*)\.\. math::[ \t]+(?P<formula>\S.*)$", re.MULTILINE)
+_LITERAL = re.compile(r"(?<=\S)::[ \t]*$", re.MULTILINE)
 _EXAMPLE = re.compile(r"^(?P<indent>[ \t]*)Example:[ \t]*$", re.MULTILINE)
 _MATH = re.compile(r"^(?P<indent>[ \t]*)\.\. math::[ \t]*\n(?P<body>(?:(?:(?P=indent)[ \t]+.*)?\n)+)", re.MULTILINE)
 
@@ -52,6 +55,7 @@ def rewrite(text: str) -> str:
     """The docstring ``text`` in the dialect griffe's Google parser and Markdown read."""
     text = _MATH_INLINE.sub(_math_inline, _MATH.sub(_math, text))
     text = _EXAMPLE.sub(lambda m: f"{m.group('indent')}Examples:", text)
+    text = _LITERAL.sub(":", text)
     return _ROLE.sub(_role, text)
 
 
