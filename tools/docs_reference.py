@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 PACKAGE = "bluefog_fn"
 # Submodules the design promises as public (``bf.timeline``, ``bf.checkpoint``...): documented as
-# soon as they exist and declare ``__all__``, even before the package's ``__all__`` lists them.
+# soon as they exist, even before the package's ``__all__`` lists them.
 PROMISED_SUBMODULES = ("topology", "optim", "sim", "timeline", "checkpoint")
 
 
@@ -54,11 +54,16 @@ class ReferencePage:
 
 
 def public_names(module: types.ModuleType) -> tuple[str, ...]:
-    """The module's ``__all__``; a public module without one is a mistake worth failing on."""
+    """The module's ``__all__``; without one, the functions and classes it defines itself
+    (names without a leading underscore, in definition order)."""
     names = getattr(module, "__all__", None)
-    if names is None:
-        raise RuntimeError(f"{module.__name__} has no __all__: its public names are undefined")
-    return tuple(names)
+    if names is not None:
+        return tuple(names)
+    return tuple(
+        name for name, value in vars(module).items()
+        if not name.startswith("_") and not isinstance(value, types.ModuleType)
+        and getattr(value, "__module__", None) == module.__name__
+    )
 
 
 def pages() -> list[ReferencePage]:
@@ -78,7 +83,7 @@ def pages() -> list[ReferencePage]:
             for name in PROMISED_SUBMODULES:
                 value = getattr(module, name, None)
                 full = f"{PACKAGE}.{name}"
-                if isinstance(value, types.ModuleType) and hasattr(value, "__all__") and full not in subs:
+                if isinstance(value, types.ModuleType) and full not in subs:
                     subs.append(full)
         out.append(ReferencePage(module_name, tuple(names), tuple(subs)))
         for sub in subs:
