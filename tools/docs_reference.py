@@ -8,6 +8,7 @@ mkdocstrings block (``::: bluefog_fn.topology.ring``) rendered from its docstrin
 from __future__ import annotations
 
 import importlib
+import inspect
 import types
 from dataclasses import dataclass
 
@@ -61,8 +62,8 @@ def public_names(module: types.ModuleType) -> tuple[str, ...]:
         return tuple(names)
     return tuple(
         name for name, value in vars(module).items()
-        if not name.startswith("_") and not isinstance(value, types.ModuleType)
-        and getattr(value, "__module__", None) == module.__name__
+        if not name.startswith("_") and (inspect.isfunction(value) or inspect.isclass(value))
+        and value.__module__ == module.__name__
     )
 
 
