@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from . import optim, sim, topology
 from .backend.errors import CommError, CommTimeoutError, MismatchError
+from .hierarchy import StagedPlan
 from .inspect import plan_cache_clear, plan_cache_info, trace
 from .ops import (
     Handle,
@@ -24,6 +25,8 @@ from .ops import (
     global_sum_async,
     hierarchical_neighbor_mean,
     hierarchical_neighbor_mean_async,
+    local_mean,
+    local_mean_async,
     neighbor_gather,
     neighbor_gather_async,
     neighbor_mean,
@@ -34,7 +37,17 @@ from .optim import allreduce_parameters, broadcast_parameters
 from .plan import CommPlan
 from .plan_cache import CacheInfo
 from .sim import simulate
-from .world import init, local_rank, local_size, machine_rank, machine_size, rank, shutdown, size
+from .world import (
+    init,
+    is_homogeneous,
+    local_rank,
+    local_size,
+    machine_rank,
+    machine_size,
+    rank,
+    shutdown,
+    size,
+)
 
 __version__ = "0.1.0"
 
@@ -45,6 +58,7 @@ __all__ = [
     "CommTimeoutError",
     "Handle",
     "MismatchError",
+    "StagedPlan",
     "Window",
     "__version__",
     "allgather",
@@ -62,6 +76,9 @@ __all__ = [
     "hierarchical_neighbor_mean",
     "hierarchical_neighbor_mean_async",
     "init",
+    "is_homogeneous",
+    "local_mean",
+    "local_mean_async",
     "local_rank",
     "local_size",
     "machine_rank",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from .hierarchy import StagedPlan, trace_staged_call
 from .plan import CommPlan
 from .plan_cache import CacheInfo
 from .tracing import AnyTopology, check_step, trace_collective, trace_mix
@@ -13,13 +14,14 @@ from .world import current
 
 _MIX_OPS = ("neighbor_mean", "neighbor_gather")
 _COLLECTIVE_OPS = ("global_mean", "global_sum", "broadcast", "allgather")
+_STAGED_OPS = ("local_mean", "hierarchical_neighbor_mean")
 
 
 def _op_name(op: Callable[..., Any] | str) -> str:
     name = op if isinstance(op, str) else getattr(op, "__name__", repr(op))
     name = name.removesuffix("_async")
-    if name not in _MIX_OPS + _COLLECTIVE_OPS:
-        raise ValueError(f"trace: op must be one of {list(_MIX_OPS + _COLLECTIVE_OPS)}, got {name!r}")
+    if name not in _MIX_OPS + _COLLECTIVE_OPS + _STAGED_OPS:
+        raise ValueError(f"trace: op must be one of {list(_MIX_OPS + _COLLECTIVE_OPS + _STAGED_OPS)}, got {name!r}")
     return name
 
 
@@ -31,8 +33,11 @@ def trace(
     *,
     rank: int | None = None,
     **kwargs: Any,
-) -> CommPlan:
+) -> CommPlan | StagedPlan:
     """The :class:`CommPlan` that ``op(tree, topology, step, **kwargs)`` runs on ``rank``.
+
+    For ``local_mean`` and ``hierarchical_neighbor_mean`` (``topology`` is then the machine
+    topology) it is a :class:`~bluefog_fn.hierarchy.StagedPlan`: the stages' plans in order.
 
     Tracing reads only the tree's structure, shapes, dtypes and devices; it sends nothing and
     caches the plan, so the call it describes will hit the cache.  ``rank`` defaults to this
@@ -55,6 +60,8 @@ def trace(
     who = world.rank if rank is None else rank
     if not 0 <= who < world.size:
         raise ValueError(f"trace: rank {who} is out of range for a world of {world.size} ranks")
+    if name in _STAGED_OPS:
+        return trace_staged_call(world, name, flat, who, topology, step, kwargs)
     if name in _MIX_OPS:
         step = check_step("trace", step)
         allowed = {"self_weight", "src_weights", "dst_weights"}

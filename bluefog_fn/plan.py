@@ -80,6 +80,12 @@ class Layout:
         return sum(len(g.segments) for g in self.groups)
 
 
+# Ops whose plans move one copy of the layout per peer (the stages of the hierarchical ops too).
+POINT_TO_POINT_OPS = frozenset(
+    {"neighbor_mean", "neighbor_gather", "neighbor_mean_backward", "local_reduce", "machine_exchange", "local_broadcast"}
+)
+
+
 @dataclass(frozen=True)
 class CommPlan:
     """What one call does on one rank.
@@ -106,13 +112,13 @@ class CommPlan:
     @property
     def bytes_sent(self) -> int:
         """Bytes this rank sends per call (point-to-point ops; collectives report the buffer)."""
-        if self.op in ("neighbor_mean", "neighbor_gather", "neighbor_mean_backward"):
+        if self.op in POINT_TO_POINT_OPS:
             return self.layout.nbytes * len(self.sends)
         return self.layout.nbytes
 
     @property
     def bytes_received(self) -> int:
-        if self.op in ("neighbor_mean", "neighbor_gather", "neighbor_mean_backward"):
+        if self.op in POINT_TO_POINT_OPS:
             return self.layout.nbytes * len(self.recvs)
         return self.layout.nbytes
 

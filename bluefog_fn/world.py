@@ -52,6 +52,9 @@ class World:
     resources: Resources = field(default_factory=Resources)
     # A simulated world's cache of stacked executors (owned by bluefog_fn.sim).
     sim_executors: Any = None
+    # Why the machines are not homogeneous blocks of consecutive ranks (None: they are); the
+    # hierarchical ops refuse to run otherwise.  The same on every rank (computed from all ranks).
+    homogeneity: str | None = None
 
     @property
     def simulated(self) -> bool:
@@ -112,8 +115,12 @@ def _make_mpi() -> World:
         local_rank, local_size, machine_rank, machine_size = mpi.node_layout(comm)
     else:
         local_rank, local_size, machine_rank, machine_size = rank % k, k, rank // k, size // k
+    from .hierarchy import homogeneity_problem
+
+    layouts = transport.allgather_object((local_rank, local_size, machine_rank))
     return World(
-        "mpi", rank, size, local_rank, local_size, machine_rank, machine_size, transport, timeline=from_env(rank)
+        "mpi", rank, size, local_rank, local_size, machine_rank, machine_size, transport, timeline=from_env(rank),
+        homogeneity=homogeneity_problem(layouts),
     )
 
 
@@ -227,3 +234,18 @@ def machine_rank() -> int:
 def machine_size() -> int:
     """Number of machines in the world."""
     return current().machine_size
+
+
+def is_homogeneous() -> bool:
+    """True when every machine runs the same number of ranks and holds consecutive ranks.
+
+    BlueFog's ``is_homogeneous``; the hierarchical ops (``local_mean``,
+    ``hierarchical_neighbor_mean``) need it and raise a ``ValueError`` saying why otherwise.
+    Always true for ``BLUEFOG_FN_RANKS_PER_MACHINE`` and in ``bf.simulate``.
+
+    Example:
+        >>> import bluefog_fn as bf
+        >>> bf.is_homogeneous()
+        True
+    """
+    return current().homogeneity is None

@@ -15,7 +15,12 @@ from .collective import (
     global_sum_async,
 )
 from .handle import Handle
-from .hierarchical import hierarchical_neighbor_mean, hierarchical_neighbor_mean_async
+from .hierarchical import (
+    hierarchical_neighbor_mean,
+    hierarchical_neighbor_mean_async,
+    local_mean,
+    local_mean_async,
+)
 from .neighbor import neighbor_gather, neighbor_gather_async, neighbor_mean, neighbor_mean_async
 
 __all__ = [
@@ -32,6 +37,8 @@ __all__ = [
     "global_sum_async",
     "hierarchical_neighbor_mean",
     "hierarchical_neighbor_mean_async",
+    "local_mean",
+    "local_mean_async",
     "neighbor_gather",
     "neighbor_gather_async",
     "neighbor_mean",

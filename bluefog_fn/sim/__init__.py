@@ -56,6 +56,7 @@ from .ops import (
     global_reduce_sim,
     neighbor_gather_sim,
     neighbor_mean_sim,
+    staged_sim,
     strip_agent_dim,
 )
 from .stacked import in_vmap
@@ -74,6 +75,7 @@ __all__ = [
     "shard",
     "simulate",
     "stack",
+    "staged_sim",
     "strip_agent_dim",
     "unstack",
     "vmap",

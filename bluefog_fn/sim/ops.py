@@ -27,12 +27,14 @@ import torch
 
 from ..backend.buffers import BufferPool
 from ..backend.errors import MismatchError
+from ..hierarchy import machine_weights, trace_staged
 from ..ops.handle import Handle
 from ..plan import CommPlan
+from ..topology import Topology
 from ..tracing import AnyTopology, trace_collective, trace_mix
 from ..tree import Flat
 from ..world import World
-from .stacked import AllgatherOp, BroadcastOp, MixOp, ReduceOp, apply, in_vmap
+from .stacked import AllgatherOp, BroadcastOp, MixOp, ReduceOp, StagedOp, apply, in_vmap
 
 SrcWeights = Mapping[int, float]
 DstWeights = Mapping[int, float] | Sequence[int]
@@ -308,3 +310,59 @@ def allgather_sim(world: World, flat: Flat) -> Handle[Any]:
     for r in range(world.size):
         trace_collective(world, fn, aflat, r, dim0_free=True)
     return _done(flat.unflatten(apply(AllgatherOp(world.size, world.resources.pool), flat.tensors, per_agent)))
+
+
+def _per_agent_arg(fn: str, arg: str, value: Any, n: int, single: bool) -> list[Any]:
+    """One value for all agents, or a list of n (one per agent)."""
+    if single:
+        return [value] * n
+    if not isinstance(value, (list, tuple)) or len(value) != n:
+        raise ValueError(f"{fn}: {arg} given per agent must be a list of {n} entries, got {value!r:.80}")
+    return list(value)
+
+
+def staged_sim(
+    world: World,
+    fn: str,
+    flat: Flat,
+    *,
+    graph: Topology | None = None,
+    topology: AnyTopology | None = None,
+    step: int = 0,
+    self_weight: Any = None,
+    src_machine_weights: Any = None,
+    dst_machine_weights: Any = None,
+) -> Handle[Any]:
+    """``local_mean`` / ``hierarchical_neighbor_mean`` for all agents: the same staged plans as on
+    MPI (one per agent), each stage run as a stacked mix.
+
+    Machine weights may be given once for all agents or as a list of n (one per agent; the
+    leaders' entries are the ones used, as on MPI).
+    """
+    n, local = world.size, world.local_size
+    aflat, per_agent = _agent_flat(world, flat, fn)
+    exchange = fn == "hierarchical_neighbor_mean"
+    per_call = dst_machine_weights is not None
+    sws = _per_agent_arg(fn, "self_weight", self_weight, n, self_weight is None or isinstance(self_weight, (int, float)))
+    srcs = _per_agent_arg(fn, "src_machine_weights", src_machine_weights, n, src_machine_weights is None or isinstance(src_machine_weights, Mapping))
+    dsts = _per_agent_arg(
+        fn, "dst_machine_weights", dst_machine_weights, n,
+        dst_machine_weights is None or isinstance(dst_machine_weights, Mapping)
+        or (isinstance(dst_machine_weights, (list, tuple)) and all(isinstance(d, int) for d in dst_machine_weights)),
+    )
+    plans = []
+    for r in range(n):
+        weights = None
+        try:
+            if exchange and (sws[r] is not None or srcs[r] is not None or dsts[r] is not None):
+                weights = machine_weights(fn, graph, r // local, world.machine_size, sws[r], srcs[r], dsts[r])
+            plans.append(trace_staged(
+                world, fn, aflat, r, exchange=exchange, graph=graph, topology=topology, step=step,
+                weights=weights, per_call_graph=per_call,
+            ))
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{err} (simulated agent {r})") from None
+    cache = exec_cache(world)
+    stages = [cache.get(fn, tuple(p.stages[k] for p in plans)) for k in range(len(plans[0].stages))]
+    op = StagedOp(fn, stages, [r for r in range(n) if r % local], world.resources.pool)
+    return _done(flat.unflatten(apply(op, flat.tensors, per_agent)))

@@ -181,6 +181,36 @@ class MixOp(StackedOp):
         return self._adjoint
 
 
+class StagedOp(StackedOp):
+    """The hierarchical pipeline: one :class:`MixOp` per stage, applied in order.
+
+    Before the last stage (the broadcast from each leader) the followers' rows are zeroed: on
+    MPI a follower ignores its own value there and takes the leader's, which the mix computes
+    as ``0 · (zeroed row) + 1 · leader`` — exactly, with no ``0 · inf``.
+    """
+
+    def __init__(self, name: str, stages: Sequence[MixOp], followers: Sequence[int], pool: BufferPool | None = None) -> None:
+        self.name = name
+        self.stages = tuple(stages)
+        self.n = self.stages[0].n
+        self.followers = tuple(followers)
+        self.pool = pool
+        self._index = torch.tensor(self.followers, dtype=torch.long)
+
+    def run(self, tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        ys = tuple(tensors)
+        for op in self.stages[:-1]:
+            ys = op.run(ys)
+        if self.followers:
+            for y in ys:
+                y.view(self.n, -1)[self._index.to(y.device)] = 0
+        return self.stages[-1].run(ys)
+
+    def adjoint(self) -> StagedOp:
+        # The reversed pipeline, as on MPI: every stage's adjoint, in reverse order.
+        return StagedOp(self.name + "_backward", [op.adjoint() for op in reversed(self.stages)], self.followers, self.pool)
+
+
 def allreduce_sum(rows: list[torch.Tensor]) -> torch.Tensor:
     """Σ rows in the order of MPICH's recursive-doubling allreduce.
 
