@@ -16,6 +16,16 @@ tensor):
 
 Times are medians over ``--reps`` timed calls after warm-up; every rank times the same calls and
 rank 0 prints.  Ratios are "row / floor" (lower is better).
+
+``--hierarchical`` (needs several machines, e.g. ``BLUEFOG_FN_RANKS_PER_MACHINE=2 bfrun -np 4``)
+instead compares, per payload, with the bytes that cross machines per call (all ranks, exact,
+from the traced plans, averaged over the schedule's period):
+
+* ``hierarchical`` — ``bf.hierarchical_neighbor_mean(tree, one_peer_exponential_two(M), step)``:
+  local reduce to the leader, leader-to-leader exchange, local broadcast;
+* ``flat one-peer`` — ``bf.neighbor_mean(tree, one_peer_exponential_two(n), step)``;
+* ``two flat mixes`` — the machine mean then ``W_M ⊗ I_L`` as two ``neighbor_mean`` calls on
+  world graphs (every local rank crosses machines: L× the bytes).
 """
 
 from __future__ import annotations
@@ -135,16 +145,106 @@ def measure(
     return rows
 
 
+def crossing_bytes(plans: list[object], local: int) -> int:
+    """Bytes sent to another machine per call, summed over the ranks' plans."""
+    total = 0
+    for r, plan in enumerate(plans):
+        if isinstance(plan, bf.StagedPlan):
+            total += plan.bytes_across_machines
+        else:
+            assert isinstance(plan, bf.CommPlan)
+            total += sum(plan.layout.nbytes for d, _ in plan.sends if d // local != r // local)
+    return total
+
+
+def hierarchical(comm: MPI.Comm, payloads: dict[str, list[torch.Tensor]], reps: int) -> None:
+    """Hierarchical vs flat one-peer (and the two-mix construction), with bytes across machines."""
+    n, machines, local = bf.size(), bf.machine_size(), bf.local_size()
+    if machines < 2:
+        raise SystemExit("--hierarchical needs several machines (e.g. BLUEFOG_FN_RANKS_PER_MACHINE=2 bfrun -np 4)")
+    rows = []
+    for name, leaves in payloads.items():
+        rows += hierarchical_payload(comm, name, leaves, reps)
+    if bf.rank() == 0:
+        over = "oversubscribed: times distorted, bytes exact" if n > (os.cpu_count() or 1) else "not oversubscribed"
+        print(f"\nhierarchical benchmark, {n} ranks as {machines} machines x {local} ({over})")
+        print(f"{'payload':34} {'method':32} {'ms':>9} {'x flat':>7} {'MiB across machines/call':>25}")
+        for name, label, t, ratio, cross in rows:
+            print(f"{name:34} {label:32} {t * 1e3:9.2f} {ratio:7.2f} {cross / 2**20:25.2f}")
+
+
+def hierarchical_payload(
+    comm: MPI.Comm, name: str, leaves: list[torch.Tensor], reps: int
+) -> list[tuple[str, str, float, float, float]]:
+    n, machines, local = bf.size(), bf.machine_size(), bf.local_size()
+    T = bf.topology
+    machine_topo = T.one_peer_exponential_two(machines)
+    flat_topo = T.one_peer_exponential_two(n)
+    block = torch.full((local, local), 1.0 / local, dtype=torch.float64)
+    intra = T.from_matrix(torch.kron(torch.eye(machines, dtype=torch.float64), block))
+    inter = [
+        T.from_matrix(torch.kron(machine_topo.at(s).mixing_matrix(), torch.eye(local, dtype=torch.float64)))
+        for s in range(machine_topo.period)
+    ]
+    state = {"step": 0}
+
+    def hier() -> None:
+        bf.hierarchical_neighbor_mean(leaves, machine_topo, state["step"])
+        state["step"] += 1
+
+    def flat() -> None:
+        bf.neighbor_mean(leaves, flat_topo, state["step"])
+        state["step"] += 1
+
+    def two_mixes() -> None:
+        bf.neighbor_mean(bf.neighbor_mean(leaves, intra), inter[state["step"] % len(inter)])
+        state["step"] += 1
+
+    def mean_over_period(crossing_at: Callable[[int], int], period: int) -> float:
+        return sum(crossing_at(s) for s in range(period)) / period
+
+    def traced(op: Callable[..., object], topo: object, s: int) -> int:
+        return crossing_bytes([bf.trace(op, leaves, topo, s, rank=r) for r in range(n)], local)
+
+    crossing = {
+        "hierarchical_neighbor_mean": mean_over_period(
+            lambda s: traced(bf.hierarchical_neighbor_mean, machine_topo, s), machine_topo.period
+        ),
+        "flat one-peer neighbor_mean": mean_over_period(lambda s: traced(bf.neighbor_mean, flat_topo, s), flat_topo.period),
+        "two flat mixes (L x crossing)": mean_over_period(
+            lambda s: traced(bf.neighbor_mean, inter[s], 0) + traced(bf.neighbor_mean, intra, 0), len(inter)
+        ),
+    }
+    base = timed(flat, reps, comm)
+    rows = []
+    for label, fn in [
+        ("hierarchical_neighbor_mean", hier),
+        ("flat one-peer neighbor_mean", flat),
+        ("two flat mixes (L x crossing)", two_mixes),
+    ]:
+        t = base if fn is flat else timed(fn, reps, comm)
+        rows.append((name, label, t, t / base, crossing[label]))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--port", type=int, default=29533)
+    parser.add_argument("--hierarchical", action="store_true", help="hierarchical vs flat rows only")
     args = parser.parse_args()
 
     bf.init()
     comm = MPI.COMM_WORLD
     rank, n = comm.Get_rank(), comm.Get_size()
     topo = bf.topology.one_peer_exponential_two(n)
+    if args.hierarchical:
+        gen = torch.Generator().manual_seed(rank)
+        hierarchical(comm, {
+            "resnet50 (161 leaves, 25.6M f32)": [torch.randn(s, generator=gen) for s in resnet50_shapes()],
+            "one tensor (1M f32)": [torch.randn(1_000_000, generator=gen)],
+        }, args.reps)
+        return
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(args.port))
     dist.init_process_group("gloo", rank=rank, world_size=n)
