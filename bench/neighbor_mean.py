@@ -21,7 +21,7 @@ rank 0 prints.  Ratios are "row / floor" (lower is better).
 instead compares, per payload, with the bytes that cross machines per call (all ranks, exact,
 from the traced plans, averaged over the schedule's period):
 
-* ``hierarchical`` — ``bf.hierarchical_neighbor_mean(tree, one_peer_exponential_two(M), step)``:
+* ``hierarchical`` — ``bf.hierarchical_neighbor_mean(tree, machine_one_peer_exponential_two(M), step)``:
   local reduce to the leader, leader-to-leader exchange, local broadcast;
 * ``flat one-peer`` — ``bf.neighbor_mean(tree, one_peer_exponential_two(n), step)``;
 * ``two flat mixes`` — the machine mean then ``W_M ⊗ I_L`` as two ``neighbor_mean`` calls on
@@ -178,7 +178,7 @@ def hierarchical_payload(
 ) -> list[tuple[str, str, float, float, float]]:
     n, machines, local = bf.size(), bf.machine_size(), bf.local_size()
     T = bf.topology
-    machine_topo = T.one_peer_exponential_two(machines)
+    machine_topo = T.machine_one_peer_exponential_two(machines)
     flat_topo = T.one_peer_exponential_two(n)
     block = torch.full((local, local), 1.0 / local, dtype=torch.float64)
     intra = T.from_matrix(torch.kron(torch.eye(machines, dtype=torch.float64), block))

@@ -38,7 +38,7 @@ def tensors(tree: object) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize(("machines", "local"), LAYOUTS)
-@pytest.mark.parametrize("make", [T.ring, T.exponential_two, T.fully_connected, T.one_peer_exponential_two])
+@pytest.mark.parametrize("make", [T.ring, T.exponential_two, T.fully_connected, T.machine_one_peer_exponential_two])
 @pytest.mark.parametrize("step", [0, 1, 2])
 def test_hierarchical_neighbor_mean_sim_against_dense(machines: int, local: int, make: object, step: int) -> None:
     n = machines * local

@@ -50,7 +50,7 @@ def _same_on_machine(out: Any, what: str) -> None:
     all_ranks_agree(bool((mine == mine[0]).all()), what)
 
 
-@pytest.mark.parametrize("make", [T.ring, T.fully_connected, T.one_peer_exponential_two])
+@pytest.mark.parametrize("make", [T.ring, T.fully_connected, T.one_peer_exponential_two, T.machine_one_peer_exponential_two])
 @pytest.mark.parametrize("step", [0, 1])
 def test_hierarchical_neighbor_mean_matches_machine_level_reference(make: object, step: int) -> None:
     topo = make(M)  # type: ignore[operator]
