@@ -23,6 +23,10 @@ M, L = bf.machine_size(), bf.local_size()
 MINE = ME // L
 
 
+def test_world_is_homogeneous() -> None:
+    assert bf.is_homogeneous()
+
+
 def _data(r: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(40 + r)
     return {"w": torch.randn(3, 2, generator=g, dtype=torch.float64), "b": torch.randn(5, generator=g, dtype=torch.float64)}
