@@ -210,3 +210,26 @@ def test_hierarchical_sim_argument_errors() -> None:
             )
         with pytest.raises(TypeError, match="local_mean takes only a tree"):
             bf.trace(bf.local_mean, torch.zeros(8, 2), T.ring(4))
+
+
+@pytest.mark.parametrize(("machines", "local"), LAYOUTS)
+def test_hierarchical_sim_gradient_with_per_call_machine_graph(machines: int, local: int) -> None:
+    """The adjoint of a per-call machine graph with sender scales: Wᵀ, the scales applied at the
+    other end (as on MPI, where each side only knows its own weights)."""
+    n = machines * local
+    wd = torch.zeros(machines, machines, dtype=F64)
+    for m in range(machines):
+        wd[m, m] = 0.25
+        wd[m, (m - 1) % machines] += 0.75 * (2 + (m - 1) % machines) / 5
+    x = torch.randn(n, 4, generator=torch.Generator().manual_seed(4), dtype=F64, requires_grad=True)
+    g = torch.randn(n, 4, generator=torch.Generator().manual_seed(5), dtype=F64)
+    with bf.simulate(n, local_size=local):
+        out = bf.hierarchical_neighbor_mean(
+            x, None, self_weight=0.25,
+            src_machine_weights=[{(r // local - 1) % machines: 0.75} for r in range(n)],
+            dst_machine_weights=[{(r // local + 1) % machines: (2 + r // local) / 5} for r in range(n)],
+        )
+        (grad,) = torch.autograd.grad(out, x, g)
+    wf = world_matrix(wd, local)
+    torch.testing.assert_close(out, dense(wf, x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, wf.T @ g, rtol=1e-12, atol=1e-12)

@@ -222,3 +222,22 @@ def test_hierarchical_rejects_bad_machine_weights_before_sending() -> None:
         bf.local_mean(torch.ones(2, dtype=torch.int64))
     # Nothing was sent: a correct call still works on every rank.
     assert_close_everywhere(bf.local_mean(torch.ones(2)), torch.ones(2), "after errors")
+
+
+@pytest.mark.skipif(M < 2, reason="machine weights need at least 2 machines")
+def test_hierarchical_gradient_with_per_call_machine_graph() -> None:
+    """Backward of a per-call machine graph with sender scales is Wᵀ (each side uses only its
+    own weights)."""
+    nxt, prv = (MINE + 1) % M, (MINE - 1) % M
+    wm = torch.zeros(M, M, dtype=torch.float64)
+    for m in range(M):
+        wm[m, m] = 0.25
+        wm[m, (m - 1) % M] += 0.75 * (2 + (m - 1) % M) / 5
+    wf = _world_matrix(wm)
+    gs = [torch.randn(3, 2, generator=torch.Generator().manual_seed(70 + r), dtype=torch.float64) for r in range(N)]
+    x = _data(ME)["w"].clone().requires_grad_()
+    out = bf.hierarchical_neighbor_mean(
+        x, None, self_weight=0.25, src_machine_weights={prv: 0.75}, dst_machine_weights={nxt: (2 + MINE) / 5}
+    )
+    (grad,) = torch.autograd.grad(out, x, gs[ME])
+    assert_close_everywhere(grad, sum(wf[k, ME] * gs[k] for k in range(N)), "per-call gradient", atol=1e-12, rtol=1e-12)
