@@ -18,7 +18,7 @@ import torch
 from .backend.buffers import BufferPool, PinnedStaging, host_array
 from .backend.kernels import combine, combine_arrays, uses_numba
 from .backend.transport import ExchangePending, Transport
-from .plan import BufferGroup, CommPlan
+from .plan import BufferGroup, CommPlan, Layout
 
 
 @dataclass
@@ -57,8 +57,12 @@ def _host_segments(
 
 
 def _leaf_views(plan: CommPlan, buffers: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    outs: list[torch.Tensor | None] = [None] * plan.layout.n_tensors
-    for g, buf in zip(plan.layout.groups, buffers, strict=True):
+    return _layout_views(plan.layout, buffers)
+
+
+def _layout_views(layout: Layout, buffers: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    outs: list[torch.Tensor | None] = [None] * layout.n_tensors
+    for g, buf in zip(layout.groups, buffers, strict=True):
         if len(g.slots) == 1:  # the common single-leaf group: no slice needed
             outs[g.slots[0].leaf] = buf.view(g.slots[0].shape)
             continue
@@ -202,3 +206,61 @@ def unpack(plan: CommPlan, buffers: Sequence[torch.Tensor], device: torch.device
         for g, b in zip(plan.layout.groups, buffers, strict=True)
     ]
     return _leaf_views(plan, moved)
+
+
+class RaggedGather:
+    """``neighbor_gather`` when sources' leaves differ in dim 0: each source gets receive
+    buffers in its own layout (``layouts[j]`` for ``plan.recvs[j]``, built from the first
+    dimensions it announced), so every message lands whole in a buffer of its exact size.
+
+    Sends are those of :class:`Exchange` (this rank's layout, scaled by ``dst_weights``).
+    """
+
+    def __init__(
+        self, transport: Transport, res: Resources, plan: CommPlan, tensors: Sequence[torch.Tensor], layouts: Sequence[Layout]
+    ) -> None:
+        self.res = res
+        self.layouts = layouts
+        self.device = tensors[0].device if tensors else torch.device("cpu")
+        self.staged: list[torch.Tensor] = []
+        keep: list[torch.Tensor] = []
+        sends: list[tuple[int, np.ndarray]] = []
+        recvs: list[tuple[int, np.ndarray]] = []
+        own: list[list[torch.Tensor]] = []
+        for g in plan.layout.groups:
+            segs, staged = _host_segments(g, tensors, res)
+            own.append(segs)
+            if staged is not None:
+                self.staged.append(staged)
+        for dst, scale in plan.sends:
+            for segs in own:
+                for seg_x in segs:
+                    out = seg_x if scale == 1.0 else seg_x * scale
+                    keep.append(out)
+                    sends.append((dst, host_array(out)))
+        self.bufs: list[list[torch.Tensor]] = []  # per source, per group
+        for (src, _), layout in zip(plan.recvs, layouts, strict=True):
+            mine = []
+            for g in layout.groups:
+                buf, buf_np = res.pool.take_pair(g.dtype, g.numel)
+                mine.append(buf)
+                recvs.extend((src, buf_np[seg.start : seg.stop]) for seg in g.segments)
+            self.bufs.append(mine)
+        self.sources = [src for src, _ in plan.recvs]
+        self._keep = keep
+        self.pending: ExchangePending = transport.exchange(sends, recvs, plan.tag)
+
+    def done(self) -> bool:
+        return self.pending.done()
+
+    def gathered(self) -> dict[int, list[torch.Tensor]]:
+        """Wait, then return each source's leaves (views into its receive buffers)."""
+        self.pending.wait()
+        self._keep = []
+        for buf in self.staged:
+            self.res.staging.release(buf)
+        self.staged = []
+        return {
+            src: _layout_views(layout, [_to_device(b, self.device) for b in bufs])
+            for src, layout, bufs in zip(self.sources, self.layouts, self.bufs, strict=True)
+        }

@@ -100,6 +100,11 @@ def _shared_key(flat: Flat) -> tuple[Any, ...]:
     return (flat.spec, tuple((tuple(t.shape), t.dtype) for t in flat.tensors))
 
 
+def _dim0_free_key(flat: Flat) -> tuple[Any, ...]:
+    """:func:`_shared_key` without first dimensions (the number of dimensions stays)."""
+    return (flat.spec, tuple((len(m.shape), m.shape[1:], m.dtype) for m in flat.metas))
+
+
 def trace_mix(
     world: World,
     op: str,
@@ -110,8 +115,14 @@ def trace_mix(
     self_weight: float | None = None,
     src_weights: Mapping[int, float] | None = None,
     dst_weights: Mapping[int, float] | Sequence[int] | None = None,
+    *,
+    dim0_free: bool = False,
 ) -> CommPlan:
-    """The (cached) plan of a neighbour op on ``rank``."""
+    """The (cached) plan of a neighbour op on ``rank``.
+
+    ``dim0_free``: the signature (hence the tag and the agreement key) ignores first dimensions
+    (``neighbor_gather`` lets them differ between ranks); the layout is still this rank's own.
+    """
     graph = None if topology is None and dst_weights is not None else graph_at(op, topology, step, world.size)
     fingerprint = graph.fingerprint if graph is not None and dst_weights is None else None
     if self_weight is None and src_weights is None and dst_weights is None:
@@ -126,7 +137,7 @@ def trace_mix(
     def build() -> CommPlan:
         sw, recvs, sends = resolved or mixing_weights(op, graph, rank, world.size, None, None, None)
         layout = build_layout(flat.metas)
-        sig = digest(op, _shared_key(flat))
+        sig = digest(op, _dim0_free_key(flat) if dim0_free else _shared_key(flat))
         return CommPlan(
             op=op,
             rank=rank,

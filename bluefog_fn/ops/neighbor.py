@@ -9,13 +9,15 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..agreement import agree
-from ..execute import Exchange
-from ..plan import CommPlan
+from ..backend.errors import MismatchError
+from ..execute import Exchange, RaggedGather
+from ..plan import CommPlan, build_layout, make_tag
 from ..tracing import AnyTopology, check_step, trace_mix
-from ..tree import Flat, flatten
+from ..tree import Flat, LeafMeta, flatten
 from ..world import World, current
 from .handle import Handle, tracked
 
@@ -192,18 +194,26 @@ def neighbor_gather_async(
     """Start :func:`neighbor_gather`."""
     fn = "neighbor_gather"
     world = current()
-    flat = flatten(tree, fn)
     step = check_step(fn, step)
-    # Gathering has no self weight; a neutral one keeps the override rules of neighbor_mean.
-    self_weight = 1.0 if src_weights is not None else None
     if world.simulated:
         from ..sim import neighbor_gather_sim
 
-        return neighbor_gather_sim(world, flat, topology, step, src_weights, dst_weights)
-    plan = trace_mix(world, fn, flat, topology, step, world.rank, self_weight, src_weights, dst_weights)
-    agree(world, fn, plan, per_call_graph=dst_weights is not None)
+        return neighbor_gather_sim(world, tree, topology, step, src_weights, dst_weights)
+    flat = flatten(tree, fn)
+    # Gathering has no self weight; a neutral one keeps the override rules of neighbor_mean.
+    self_weight = 1.0 if src_weights is not None else None
+    plan = trace_mix(
+        world, fn, flat, topology, step, world.rank, self_weight, src_weights, dst_weights, dim0_free=True
+    )
+    dims = _first_dims(flat)
+    sources = _source_dims(world, fn, plan, dims, per_call_graph=dst_weights is not None)
     assert world.transport is not None
-    exchange = Exchange(world.transport, world.resources, plan, flat.tensors)
+    exchange: Exchange | RaggedGather
+    if sources is None:  # every source's leaves have this rank's shapes
+        exchange = Exchange(world.transport, world.resources, plan, flat.tensors)
+    else:
+        layouts = [build_layout(_with_first_dims(flat.metas, sources[src])) for src, _ in plan.recvs]
+        exchange = RaggedGather(world.transport, world.resources, plan, flat.tensors, layouts)
 
     wanted = None if src_weights is None else set(src_weights)
 
@@ -215,6 +225,76 @@ def neighbor_gather_async(
         }
 
     return tracked(world, fn, finish, exchange.done)
+
+
+def _first_dims(flat: Flat) -> tuple[int, ...]:
+    """Each leaf's first dimension (``-1`` for a 0-d leaf)."""
+    return tuple(t.shape[0] if t.dim() else -1 for t in flat.tensors)
+
+
+def _with_first_dims(metas: Sequence[LeafMeta], dims: Sequence[int]) -> list[LeafMeta]:
+    return [
+        m if d < 0 else LeafMeta(m.path, (d, *m.shape[1:]), m.dtype, m.device)
+        for m, d in zip(metas, dims, strict=True)
+    ]
+
+
+def _source_dims(
+    world: World, fn: str, plan: CommPlan, dims: tuple[int, ...], *, per_call_graph: bool
+) -> dict[int, tuple[int, ...]] | None:
+    """The first dimensions of every source's leaves, or ``None`` when they are this rank's.
+
+    The first call of a pattern (the plan's dim-0-free signature, graph and step) agrees as
+    usual, then allgathers every rank's first dimensions. If all ranks had the same, the pattern
+    is *uniform* for those dimensions and later calls cost nothing extra; otherwise it is
+    *ragged* and every later call first sends each out-neighbour this rank's first dimensions
+    (one tiny message per edge), so they may change from call to call. Every rank keeps the
+    same record, so all ranks take the same branch at every call.
+    """
+    if world.size == 1 or world.transport is None:
+        return None
+    ragged_key = ("neighbor_gather:ragged", plan.signature, plan.topology, plan.step)
+    uniform_key = ("neighbor_gather:uniform", plan.signature, plan.topology, plan.step, dims)
+    if not per_call_graph:
+        if ragged_key in world.agreed:
+            return _exchange_dims(world, plan, dims)
+        if uniform_key in world.agreed:
+            return None
+    agree(world, fn, plan, per_call_graph=per_call_graph, dim0_free=True)
+    everyone: list[tuple[int, ...]] = world.transport.allgather_object(dims)
+    for leaf, path in enumerate(_plan_paths(plan)):
+        zero_d = [r for r, d in enumerate(everyone) if d[leaf] < 0]
+        if zero_d and len(zero_d) != len(everyone):
+            raise MismatchError(
+                f"{fn}: tree leaf {path} is 0-d on rank(s) {zero_d} but not on the others; only "
+                "first dimensions may differ between ranks"
+            )
+    if all(d == everyone[0] for d in everyone):
+        if not per_call_graph:
+            world.agreed.add(uniform_key)
+        return None
+    if not per_call_graph:
+        world.agreed.add(ragged_key)
+    return {src: everyone[src] for src, _ in plan.recvs}
+
+
+def _plan_paths(plan: CommPlan) -> list[str]:
+    """Key paths of the plan's tensor leaves, in leaf order."""
+    paths = [""] * plan.layout.n_tensors
+    for g in plan.layout.groups:
+        for s in g.slots:
+            paths[s.leaf] = s.path
+    return paths
+
+
+def _exchange_dims(world: World, plan: CommPlan, dims: tuple[int, ...]) -> dict[int, tuple[int, ...]]:
+    """Send this rank's first dimensions to its out-neighbours, receive its sources' (blocking)."""
+    assert world.transport is not None
+    mine = np.array(dims, dtype=np.int64)
+    got = {src: np.empty(len(dims), dtype=np.int64) for src, _ in plan.recvs}
+    tag = make_tag(plan.signature, "first dims", plan.topology)
+    world.transport.exchange([(dst, mine) for dst, _ in plan.sends], list(got.items()), tag).wait()
+    return {src: tuple(int(v) for v in arr) for src, arr in got.items()}
 
 
 def neighbor_gather(
@@ -230,6 +310,19 @@ def neighbor_gather(
     The sources are the in-neighbours of ``topology.at(step)``, or the keys of ``src_weights``
     when ``dst_weights`` defines the call's own graph (weights are ignored: nothing is mixed).
     Any dtype works.
+
+    First dimensions may differ between ranks (as in BlueFog's ``neighbor_allgather``; the
+    structure, dtypes and all other dimensions must agree): ``result[src]`` has ``src``'s own
+    shapes. The first call of a pattern (structure, other dimensions, graph, step) exchanges
+    every rank's first dimensions along with the usual agreement. If they were equal
+    everywhere, later calls with those shapes cost nothing extra; if not, every later call of
+    the pattern first sends each out-neighbour one small message with its first dimensions
+    (``_async`` waits for it before returning the handle), so they may change from call to
+    call. In ``bf.simulate(n)`` pass ``bf.sim.ragged([tree_0, …, tree_{n-1}])`` for per-agent
+    trees of different lengths (a stacked leaf has one length for all agents).
+
+    Differs from BlueFog: a dict ``{source: tree}`` instead of one tensor concatenated along
+    dim 0 (``torch.cat([result[s] for s in sorted(result)])`` gives BlueFog's layout).
 
     Example:
         >>> import torch, bluefog_fn as bf

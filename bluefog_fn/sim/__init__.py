@@ -24,7 +24,8 @@ on each rank, stacked:
 * ``global_sum`` / ``global_mean`` / ``broadcast``: stacked, every row equal;
 * ``allgather``: per agent ``(d, …) → (n·d, …)``, stacked ``(n, n·d, …)``;
 * ``neighbor_gather``: a list of n dicts ``{source rank: source's per-agent tree}``, entry i
-  being rank i's MPI result (only outside :func:`vmap`);
+  being rank i's MPI result (only outside :func:`vmap`); for leaves whose first dimension
+  differs between agents pass :func:`ragged` ``(list of n per-agent trees)`` instead;
 * per-call weights: one value for all agents, or a list of n (``self_weight`` also a tensor of
   n values); per-call graphs are checked (agent i sends to j iff j receives from i), a mismatch
   raises :class:`~bluefog_fn.MismatchError` naming the agents;
@@ -40,10 +41,12 @@ Example:
 from __future__ import annotations
 
 from .api import (
+    Ragged,
     agent_index,
     agent_seed,
     generators,
     per_agent,
+    ragged,
     shard,
     simulate,
     stack,
@@ -62,6 +65,7 @@ from .ops import (
 from .stacked import in_vmap
 
 __all__ = [
+    "Ragged",
     "agent_index",
     "agent_seed",
     "allgather_sim",
@@ -72,6 +76,7 @@ __all__ = [
     "neighbor_gather_sim",
     "neighbor_mean_sim",
     "per_agent",
+    "ragged",
     "shard",
     "simulate",
     "stack",

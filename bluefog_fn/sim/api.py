@@ -293,6 +293,40 @@ def unstack(tree: Any, n: int | None = None) -> list[Any]:
     return [pytree.tree_unflatten([None if x is None else x[i] for _, x in with_path], spec) for i in range(n)]
 
 
+class Ragged:
+    """Per-agent trees whose leaves may differ in their first dimension; see :func:`ragged`."""
+
+    __slots__ = ("trees",)
+
+    def __init__(self, trees: Sequence[Any]) -> None:
+        if isinstance(trees, (str, bytes)) or not isinstance(trees, Sequence):
+            raise TypeError(f"bf.sim.ragged: trees must be a list of per-agent trees, got {type(trees).__name__}")
+        self.trees = tuple(trees)
+
+    def __repr__(self) -> str:
+        return f"bf.sim.ragged(<{len(self.trees)} per-agent trees>)"
+
+
+def ragged(trees: Sequence[Any]) -> Ragged:
+    """Mark a list of n per-agent trees as one simulated value whose leaves' first dims may differ.
+
+    A stacked leaf ``(n, d, …)`` gives every agent the same ``d``; MPI ranks may pass leaves of
+    different lengths to :func:`bluefog_fn.neighbor_gather` (BlueFog's ``neighbor_allgather``
+    allows it). Inside :func:`simulate`, ``bf.neighbor_gather(bf.sim.ragged(trees), topology,
+    step)`` takes agent ``i``'s tree as ``trees[i]`` (no agent dimension) and returns, as for a
+    stacked tree, a list of n dicts ``{source: source's tree}``. The trees must share structure,
+    dtypes and every dimension but the first.
+
+    Example:
+        >>> import torch, bluefog_fn as bf
+        >>> with bf.simulate(2):
+        ...     out = bf.neighbor_gather(bf.sim.ragged([torch.zeros(1), torch.ones(3)]), bf.topology.ring(2))
+        >>> out[0][1].tolist(), out[1][0].tolist()
+        ([1.0, 1.0, 1.0], [0.0])
+    """
+    return Ragged(trees)
+
+
 def per_agent(fn: Callable[[int], Any], n: int | None = None) -> Any:
     """``stack([fn(0), fn(1), …, fn(n − 1)])``: per-agent data built by the code an MPI rank runs.
 

@@ -32,8 +32,9 @@ from ..ops.handle import Handle
 from ..plan import CommPlan
 from ..topology import Topology
 from ..tracing import AnyTopology, trace_collective, trace_mix
-from ..tree import Flat
+from ..tree import Flat, flatten
 from ..world import World
+from .api import Ragged
 from .stacked import AllgatherOp, BroadcastOp, MixOp, ReduceOp, StagedOp, apply, in_vmap
 
 SrcWeights = Mapping[int, float]
@@ -235,7 +236,7 @@ def neighbor_mean_sim(
 
 def neighbor_gather_sim(
     world: World,
-    flat: Flat,
+    tree: Any,
     topology: AnyTopology | None,
     step: int,
     src_weights: Any,
@@ -244,7 +245,8 @@ def neighbor_gather_sim(
     """``neighbor_gather`` for all agents: a list of n dicts ``{source: source's tree}``.
 
     Entry ``i`` is exactly what rank ``i`` gets on MPI (its in-neighbours, or the keys of its
-    ``src_weights``); the leaves are fresh copies, without gradient (as on MPI).
+    ``src_weights``); the leaves are fresh copies, without gradient (as on MPI). ``tree`` is a
+    stacked tree, or a :func:`~bluefog_fn.sim.ragged` list of per-agent trees.
     """
     fn = "neighbor_gather"
     n = world.size
@@ -254,6 +256,9 @@ def neighbor_gather_sim(
             "different agents, which vmap cannot batch; call it on the stacked tree outside "
             "bf.sim.vmap (it returns a list of n dicts) or use neighbor_mean"
         )
+    if isinstance(tree, Ragged):
+        return _ragged_gather(world, tree, topology, step, src_weights, dst_weights)
+    flat = flatten(tree, fn)
     aflat = strip_agent_dim(flat, n, fn)
     srcs = _src_weights(fn, src_weights, n)
     plans = _trace_agents(
@@ -270,6 +275,44 @@ def neighbor_gather_sim(
         wanted = srcs[i]
         if wanted is None or j in wanted:
             result[i][j] = flat.unflatten([g[e] for g in gathered])
+    return _done(result)
+
+
+def _ragged_gather(
+    world: World, tree: Ragged, topology: AnyTopology | None, step: int, src_weights: Any, dst_weights: Any
+) -> Handle[Any]:
+    """``neighbor_gather`` over per-agent trees whose leaves may differ in dim 0."""
+    fn = "neighbor_gather"
+    n = world.size
+    if len(tree.trees) != n:
+        raise ValueError(f"{fn}: bf.sim.ragged holds {len(tree.trees)} trees but the simulated world has {n} agents")
+    flats = [flatten(t, fn) for t in tree.trees]
+    ref = flats[0]
+    for i, f in enumerate(flats[1:], start=1):
+        if f.spec != ref.spec:
+            raise MismatchError(f"{fn}: agent {i}'s tree has a different structure from agent 0's")
+        for k, (a, b) in enumerate(zip(ref.tensors, f.tensors, strict=True)):
+            if a.dim() != b.dim() or a.shape[1:] != b.shape[1:] or a.dtype != b.dtype:
+                raise MismatchError(
+                    f"{fn}: tree leaf {ref.path(k)} is {a.dtype} of shape {tuple(a.shape)} on agent 0 but "
+                    f"{b.dtype} of shape {tuple(b.shape)} on agent {i}; only first dimensions may differ"
+                )
+    srcs = _src_weights(fn, src_weights, n)
+    dsts = _dst_weights(fn, dst_weights, n)
+    plans = []
+    for r in range(n):
+        try:
+            sw = 1.0 if srcs[r] is not None else None
+            plans.append(trace_mix(world, fn, flats[r], topology, step, r, sw, srcs[r], dsts[r], dim0_free=True))
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{err} (simulated agent {r})") from None
+    _check_edges(fn, plans)
+    result: list[dict[int, Any]] = [{} for _ in range(n)]
+    with torch.no_grad():
+        for i, p in enumerate(plans):
+            for j, _ in p.recvs:
+                if srcs[i] is None or j in srcs[i]:
+                    result[i][j] = flats[j].unflatten([t.detach().clone() for t in flats[j].tensors])
     return _done(result)
 
 
