@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -23,37 +22,65 @@ class _Done:
 
 
 class LocalWindow:
-    """One-sided memory of a world of one: rank 0 is the only target."""
+    """One-sided memory of a world of one: rank 0 is the only target; operations complete at once."""
 
     def __init__(self, nbytes: int) -> None:
         self.memory: np.ndarray | None = np.zeros(nbytes, dtype=np.uint8)
 
-    def _mem(self, target: int, offset: int, arr: np.ndarray) -> np.ndarray:
+    def _mem(self, what: str, target: int, offset: int, arr: np.ndarray) -> np.ndarray:
         if self.memory is None:
-            raise RuntimeError("window: the window memory was freed")
+            raise RuntimeError(f"{what}: the window memory was freed")
         if target != 0 or offset < 0 or offset + arr.nbytes > self.memory.size:
-            raise ValueError(f"window: target {target} bytes [{offset}, {offset + arr.nbytes}) out of range")
+            raise ValueError(
+                f"{what}: target {target} bytes [{offset}, {offset + arr.nbytes}) out of range"
+            )
         return self.memory[offset : offset + arr.nbytes].view(arr.dtype)
 
-    def put(self, target: int, pieces: Sequence[tuple[int, np.ndarray]]) -> None:
+    def put(
+        self, target: int, pieces: Sequence[tuple[int, np.ndarray]], what: str = "window put"
+    ) -> _Done:
         for offset, arr in pieces:
-            self._mem(target, offset, arr)[:] = arr
+            self._mem(what, target, offset, arr)[:] = arr
+        return _Done()
 
-    def accumulate(self, target: int, pieces: Sequence[tuple[int, np.ndarray]]) -> None:
+    def accumulate(
+        self, target: int, pieces: Sequence[tuple[int, np.ndarray]], what: str = "window accumulate"
+    ) -> _Done:
         for offset, arr in pieces:
-            self._mem(target, offset, arr)[:] += arr
+            self._mem(what, target, offset, arr)[:] += arr
+        return _Done()
 
-    def get(self, target: int, pieces: Sequence[tuple[int, np.ndarray]]) -> None:
+    def get(
+        self, target: int, pieces: Sequence[tuple[int, np.ndarray]], what: str = "window get"
+    ) -> _Done:
         for offset, arr in pieces:
-            arr[:] = self._mem(target, offset, arr)
+            arr[:] = self._mem(what, target, offset, arr)
+        return _Done()
 
-    @contextmanager
-    def lock_self(self) -> Iterator[np.ndarray]:
-        if self.memory is None:
-            raise RuntimeError("window: the window memory was freed")
-        yield self.memory
+    def swap(
+        self,
+        target: int,
+        pieces: Sequence[tuple[int, np.ndarray]],
+        olds: Sequence[np.ndarray],
+        what: str = "window swap",
+    ) -> _Done:
+        for (offset, arr), old in zip(pieces, olds, strict=True):
+            mem = self._mem(what, target, offset, arr)
+            old[:] = mem
+            mem[:] = arr
+        return _Done()
 
-    def free(self) -> None:
+    def barrier(self, what: str) -> None:
+        return None
+
+    def mutex_acquire(self, ranks: Sequence[int], what: str = "window mutex") -> None:
+        if list(ranks) not in ([], [0]):
+            raise ValueError(f"{what}: a world of one has only rank 0, got ranks {list(ranks)}")
+
+    def mutex_release(self, ranks: Sequence[int], what: str = "window mutex") -> None:
+        return None
+
+    def free(self, what: str = "window free") -> None:
         self.memory = None
 
 

@@ -27,7 +27,8 @@ if "mpi4py.MPI" not in sys.modules:
 
 from mpi4py import MPI
 
-from .errors import CommTimeoutError, MismatchError
+from .errors import CommError, CommTimeoutError, MismatchError
+from .watchdog import Watchdog
 
 # Waits poll MPI: busy for the first _SPIN_SECONDS (latency), then yielding the core between polls
 # (oversubscribed runs would otherwise starve the very peer they wait for), then, for long waits,
@@ -239,74 +240,282 @@ class MpiTransport:
         return MpiWindow(self.comm, nbytes, self.timeout)
 
 
-class MpiWindow:
-    """MPI-3 one-sided memory (``MPI_Win_allocate``, bytes) with passive-target synchronisation.
+def _poll(timeout: float, deadline: float) -> bool:
+    """One pacing step of a window wait (spin, then yield, then sleep); False once past ``deadline``."""
+    now = time.perf_counter()
+    if now > deadline:
+        return False
+    waited = timeout - (deadline - now)
+    if waited > _YIELD_SECONDS:
+        time.sleep(1e-4)
+    elif waited > _SPIN_SECONDS:
+        os.sched_yield()
+    return True
 
-    ``put``/``get``/``accumulate`` lock the target *shared*, post one request-based operation
-    per piece (``Rput``/``Rget``/``Raccumulate`` with ``MPI_SUM``, typed by the piece's dtype),
-    poll them with the transport's deadline, then unlock, which completes them at the target:
-    each call is synchronous.  ``lock_self`` locks this rank's own window *exclusive* (and
-    ``Sync``s the public and private copies), so local reads and writes exclude every remote
-    operation on this rank's memory.
+
+class _WindowOps:
+    """Request-based one-sided operations of an :class:`MpiWindow` in flight.
+
+    Complete once every request has (polled with the deadline) and, for writes, once
+    ``MPI_Win_flush`` made them complete at the target.
+    """
+
+    __slots__ = ("_flush", "_keep", "_requests", "_window", "finished", "target", "what")
+
+    def __init__(
+        self,
+        window: MpiWindow,
+        target: int,
+        what: str,
+        requests: list[MPI.Request],
+        flush: bool,
+        keep: Any,
+    ) -> None:
+        self._window = window
+        self.target = target
+        self.what = what
+        self._requests = requests
+        self._flush = flush
+        self._keep = keep  # the arrays MPI reads from or writes into stay alive until completion
+        self.finished = not requests
+
+    def done(self) -> bool:
+        if not self.finished and MPI.Request.Testall(self._requests):
+            self._complete()
+        return self.finished
+
+    def wait(self) -> None:
+        if self.finished:
+            return
+        timeout = self._window.timeout
+        deadline = time.perf_counter() + timeout
+        while not MPI.Request.Testall(self._requests):
+            if not _poll(timeout, deadline):
+                raise CommTimeoutError(
+                    f"{self.what}: rank {self.target} did not serve the one-sided operation within "
+                    f"{timeout:g} s; it died or stopped making MPI calls (BLUEFOG_FN_TIMEOUT sets the limit)"
+                )
+        self._complete()
+
+    def _complete(self) -> None:
+        if self._flush:
+            win = self._window.open_win(self.what)
+            with self._window.watchdog.guard(
+                f"{self.what}: MPI_Win_flush to rank {self.target}", self._window.timeout
+            ):
+                win.Flush(self.target)
+        self.finished = True
+        self._keep = None
+
+
+_BARRIER_TAG = 0x5EA
+
+
+class MpiWindow:
+    """MPI-3 one-sided memory (``MPI_Win_allocate``, bytes) in one passive-target epoch.
+
+    The window is opened with ``MPI_Win_lock_all(MPI_MODE_NOCHECK)`` at creation and closed at
+    free, so no operation ever waits for a lock (with MPICH a lock request waits until the target
+    next enters MPI, which would make every "asynchronous" operation wait for a busy peer).
+    Every access to window memory, the owner's included, is an accumulate-family operation on
+    the piece's basic type (``Raccumulate`` with ``MPI_REPLACE``/``MPI_SUM``, ``Rget_accumulate``
+    with ``MPI_NO_OP``/``MPI_REPLACE``), which MPI makes atomic per element: a concurrent sum
+    lands entirely before or entirely after the owner's read-and-reset of that element, so no
+    mass is lost or counted twice.  Writes complete at the target with ``MPI_Win_flush``.
+
+    Each window has its own communicator (``MPI_Comm_idup``), so its meetings (creation, the
+    barriers, free) can never be matched by another window's or the transport's collectives:
+    ranks out of step get a bounded error instead of entering a blocking collective alone.
+    User-level mutexes live in a second, 8-byte window: a counter per rank, taken with a polled
+    ``Rget_accumulate`` (+1; it was free if the old value was 0, otherwise undone).  Calls with
+    no non-blocking form (allocate, flush, free) run under a
+    :class:`~bluefog_fn.backend.watchdog.Watchdog`.
     """
 
     def __init__(self, comm: MPI.Comm, nbytes: int, timeout: float) -> None:
         self.timeout = timeout
         self.rank = comm.Get_rank()
-        self.win: MPI.Win | None = MPI.Win.Allocate(nbytes, disp_unit=1, comm=cast(MPI.Intracomm, comm))
-        self.memory: np.ndarray = (
-            np.frombuffer(cast(Any, self.win.tomemory()), dtype=np.uint8, count=nbytes) if nbytes else np.zeros(0, np.uint8)
-        )
-        with self.lock_self() as mem:
-            mem[:] = 0
+        self.size = comm.Get_size()
+        self.watchdog = Watchdog()
+        self._barriers = 0
+        dup, request = comm.Idup()
+        deadline = time.perf_counter() + timeout
+        while not request.Test():
+            if not _poll(timeout, deadline):
+                raise CommTimeoutError(
+                    f"Window: not every rank created the window within {timeout:g} s (creating the window's "
+                    "communicator); ranks are calling different ops or a peer died (BLUEFOG_FN_TIMEOUT sets the limit)"
+                )
+        self.comm: MPI.Intracomm = cast(MPI.Intracomm, dup)
+        # Idup completed, so every rank is here and enters the collective allocations now.
+        with self.watchdog.guard("Window: MPI_Win_allocate", timeout):
+            win = MPI.Win.Allocate(nbytes, disp_unit=1, comm=self.comm)
+            mutex_win = MPI.Win.Allocate(8, disp_unit=1, comm=self.comm)
+        if nbytes:
+            np.frombuffer(cast(Any, win.tomemory()), dtype=np.uint8, count=nbytes)[:] = 0
+        np.frombuffer(cast(Any, mutex_win.tomemory()), dtype=np.int64, count=1)[:] = 0
+        # NOCHECK: no rank ever takes an exclusive lock, so opening the epochs sends nothing.
+        win.Lock_all(MPI.MODE_NOCHECK)
+        mutex_win.Lock_all(MPI.MODE_NOCHECK)
+        self.win: MPI.Win | None = win
+        self.mutex_win: MPI.Win | None = mutex_win
 
-    def _open(self, what: str) -> MPI.Win:
+    def open_win(self, what: str) -> MPI.Win:
         if self.win is None:
-            raise RuntimeError(f"window {what}: the window memory was freed")
+            raise RuntimeError(f"{what}: the window memory was freed")
         return self.win
 
-    def _run(self, what: str, target: int, pieces: Sequence[tuple[int, np.ndarray]]) -> None:
-        win = self._open(what)
-        win.Lock(target, MPI.LOCK_SHARED)
+    def _post(
+        self,
+        kind: str,
+        target: int,
+        pieces: Sequence[tuple[int, np.ndarray]],
+        what: str,
+        olds: Sequence[np.ndarray] = (),
+    ) -> _WindowOps:
+        win = self.open_win(what)
+        if not 0 <= target < self.size:
+            raise ValueError(f"{what}: target rank {target} out of range for {self.size} ranks")
+        requests = []
+        for k, (offset, arr) in enumerate(pieces):
+            if arr.size == 0:
+                continue
+            spec = (offset, arr.size, MPI._typedict[arr.dtype.char])
+            if kind == "put":
+                requests.append(win.Raccumulate(arr, target, spec, op=MPI.REPLACE))
+            elif kind == "accumulate":
+                requests.append(win.Raccumulate(arr, target, spec, op=MPI.SUM))
+            elif kind == "get":
+                requests.append(win.Rget_accumulate(arr, arr, target, spec, op=MPI.NO_OP))
+            else:  # swap
+                requests.append(win.Rget_accumulate(arr, olds[k], target, spec, op=MPI.REPLACE))
+        flush = kind in ("put", "accumulate")
+        return _WindowOps(self, target, what, requests, flush, (pieces, olds))
+
+    def put(
+        self, target: int, pieces: Sequence[tuple[int, np.ndarray]], what: str = "window put"
+    ) -> _WindowOps:
+        return self._post("put", target, pieces, what)
+
+    def accumulate(
+        self, target: int, pieces: Sequence[tuple[int, np.ndarray]], what: str = "window accumulate"
+    ) -> _WindowOps:
+        return self._post("accumulate", target, pieces, what)
+
+    def get(
+        self, target: int, pieces: Sequence[tuple[int, np.ndarray]], what: str = "window get"
+    ) -> _WindowOps:
+        return self._post("get", target, pieces, what)
+
+    def swap(
+        self,
+        target: int,
+        pieces: Sequence[tuple[int, np.ndarray]],
+        olds: Sequence[np.ndarray],
+        what: str = "window swap",
+    ) -> _WindowOps:
+        return self._post("swap", target, pieces, what, olds)
+
+    def barrier(self, what: str) -> None:
+        self.open_win(what)
+        self._meet(what)
+
+    def _meet(self, what: str) -> None:
+        """Every rank sends a token to every other; the receives that never land name who is missing."""
+        self._barriers += 1
+        tag = _BARRIER_TAG + self._barriers % 4096  # consecutive meetings cannot match each other
+        token = np.zeros(1, np.uint8)
+        inbox = np.zeros(max(self.size - 1, 0), np.uint8)
+        peers = [r for r in range(self.size) if r != self.rank]
+        recvs = [
+            self.comm.Irecv([inbox[k : k + 1], MPI.BYTE], source=p, tag=tag)
+            for k, p in enumerate(peers)
+        ]
+        sends = [self.comm.Isend([token, MPI.BYTE], dest=p, tag=tag) for p in peers]
+        deadline = time.perf_counter() + self.timeout
+        while not MPI.Request.Testall(recvs):
+            if not _poll(self.timeout, deadline):
+                missing = [
+                    p
+                    for p, r in zip(peers, recvs, strict=True)
+                    if r != MPI.REQUEST_NULL and not r.Test()
+                ]
+                for r in recvs:
+                    with contextlib.suppress(MPI.Exception):  # cancel is best effort
+                        r.Cancel()
+                raise CommTimeoutError(
+                    f"{what}: rank(s) {missing} did not reach this point of the window's use within "
+                    f"{self.timeout:g} s; the ranks are out of step (a rank failed or skipped a window "
+                    "call) or a peer died (BLUEFOG_FN_TIMEOUT sets the limit)"
+                )
+        MPI.Request.Waitall(sends)  # one-byte sends: done once the peers' receives matched
+
+    def _fetch_add(self, rank: int, value: int, what: str) -> int:
+        mwin = self.mutex_win
+        if mwin is None:
+            raise RuntimeError(f"{what}: the window memory was freed")
+        origin = np.array([value], np.int64)
+        result = np.zeros(1, np.int64)
+        request = mwin.Rget_accumulate(origin, result, rank, (0, 1, MPI.INT64_T), op=MPI.SUM)
+        deadline = time.perf_counter() + self.timeout
+        while not request.Test():
+            if not _poll(self.timeout, deadline):
+                raise CommTimeoutError(
+                    f"{what}: rank {rank} did not serve the mutex operation within {self.timeout:g} s; it "
+                    "died or stopped making MPI calls (BLUEFOG_FN_TIMEOUT sets the limit)"
+                )
+        return int(result[0])
+
+    def mutex_acquire(self, ranks: Sequence[int], what: str = "window mutex") -> None:
+        taken: list[int] = []
         try:
-            requests = []
-            for offset, arr in pieces:
-                spec = (offset, arr.size, MPI._typedict[arr.dtype.char])
-                if what == "put":
-                    requests.append(win.Rput(arr, target, spec))
-                elif what == "accumulate":
-                    requests.append(win.Raccumulate(arr, target, spec, op=MPI.SUM))
-                else:
-                    requests.append(win.Rget(arr, target, spec))
-            _wait_all(requests, self.timeout, f"window {what}", [target] * len(requests))
-        finally:
-            win.Unlock(target)
+            for r in ranks:
+                start = time.perf_counter()
+                pause = 2e-5
+                while self._fetch_add(r, 1, what) != 0:
+                    self._fetch_add(r, -1, what)
+                    if time.perf_counter() - start > self.timeout:
+                        raise CommTimeoutError(
+                            f"{what}: the mutex of rank {r} stayed held by another rank for {self.timeout:g} s; "
+                            "its holder is stuck or the ranks are out of step (BLUEFOG_FN_TIMEOUT sets the limit)"
+                        )
+                    # Randomised exponential backoff: contenders that collided retry at different times.
+                    time.sleep(pause * (0.5 + np.random.random()))
+                    pause = min(pause * 2, 2e-3)
+                taken.append(r)
+        except BaseException:
+            with contextlib.suppress(CommError):
+                self.mutex_release(taken, what)
+            raise
 
-    def put(self, target: int, pieces: Sequence[tuple[int, np.ndarray]]) -> None:
-        self._run("put", target, pieces)
+    def mutex_release(self, ranks: Sequence[int], what: str = "window mutex") -> None:
+        for r in ranks:
+            old = self._fetch_add(r, -1, what)
+            if old < 1:  # internal invariant: the front end releases only what it holds
+                raise RuntimeError(
+                    f"{what}: released the mutex of rank {r} that was not held (count {old})"
+                )
 
-    def accumulate(self, target: int, pieces: Sequence[tuple[int, np.ndarray]]) -> None:
-        self._run("accumulate", target, pieces)
-
-    def get(self, target: int, pieces: Sequence[tuple[int, np.ndarray]]) -> None:
-        self._run("get", target, pieces)
-
-    @contextlib.contextmanager
-    def lock_self(self) -> Iterator[np.ndarray]:
-        win = self._open("update")
-        win.Lock(self.rank, MPI.LOCK_EXCLUSIVE)
+    def free(self, what: str = "window free") -> None:
+        if self.win is None:
+            return
+        win, mwin = self.win, self.mutex_win
+        self.win = self.mutex_win = None  # unusable from here on, whatever happens
         try:
-            win.Sync()
-            yield self.memory
-            win.Sync()
-        finally:
-            win.Unlock(self.rank)
-
-    def free(self) -> None:
-        if self.win is not None:
-            win, self.win = self.win, None
-            self.memory = np.zeros(0, np.uint8)
+            self._meet(what)
+        except BaseException:
+            # A peer is not freeing: entering MPI_Win_free alone would block forever.  The
+            # memory is abandoned, the error goes to the caller.
+            self.watchdog.close()
+            raise
+        assert mwin is not None  # allocated together with win
+        with self.watchdog.guard(f"{what}: MPI_Win_free", self.timeout):
+            win.Unlock_all()
+            mwin.Unlock_all()
+            mwin.Free()
             win.Free()
+            self.comm.Free()
+        self.watchdog.close()
 
 
 def world_comm() -> MPI.Comm:

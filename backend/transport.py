@@ -9,7 +9,6 @@ dead or diverging peer turns into :class:`~bluefog_fn.backend.CommTimeoutError` 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 import numpy as np
@@ -39,33 +38,74 @@ class ExchangePending(Pending, Protocol):
 class WindowHandle(Protocol):
     """One-sided memory: ``nbytes`` bytes on every rank (sizes may differ between ranks).
 
-    Offsets are in bytes; each piece is a typed, contiguous numpy array.  Every operation is
-    synchronous (complete at the target when it returns) and is one passive-target epoch:
-    ``put``/``get``/``accumulate`` hold a *shared* lock on the target for all their pieces,
-    :meth:`lock_self` an *exclusive* lock on this rank's own memory, so a read-and-reset under
-    :meth:`lock_self` happens entirely before or entirely after each remote operation on this
-    rank's memory.  ``accumulate`` is an atomic element-wise sum (concurrent accumulates to the
-    same elements all land).
+    Offsets are in bytes; each piece is a typed, contiguous numpy array that must stay alive
+    and unmodified until its operation completed.  Every access, the owner's own included,
+    goes through these operations; each is non-blocking and returns a :class:`Pending` that
+    completes when the data is at the target (writes) or in the arrays (reads).  Operations are
+    atomic per element: a concurrent ``accumulate`` lands entirely before or entirely after a
+    ``swap`` of the same element, so a read-and-reset never loses or double-counts mass.
+    No operation waits for a lock, so a busy peer never delays posting one.
+
+    Every wait is bounded by the transport's timeout: an out-of-step or dead peer becomes
+    :class:`~bluefog_fn.backend.CommTimeoutError` naming ``what`` and the peer(s).  ``what``
+    describes the caller's operation for those messages.
     """
 
-    def put(self, target: int, pieces: Sequence[tuple[int, np.ndarray]]) -> None:
-        """Overwrite ``target``'s bytes at each ``offset`` with the piece's array."""
+    def put(
+        self, target: int, pieces: Sequence[tuple[int, np.ndarray]], what: str = "window put"
+    ) -> Pending:
+        """Overwrite ``target``'s memory at each ``offset`` with the piece's array."""
         ...
 
-    def accumulate(self, target: int, pieces: Sequence[tuple[int, np.ndarray]]) -> None:
-        """Add each array element-wise into ``target``'s memory at its offset (atomic)."""
+    def accumulate(
+        self, target: int, pieces: Sequence[tuple[int, np.ndarray]], what: str = "window accumulate"
+    ) -> Pending:
+        """Add each array element-wise into ``target``'s memory at its offset."""
         ...
 
-    def get(self, target: int, pieces: Sequence[tuple[int, np.ndarray]]) -> None:
+    def get(
+        self, target: int, pieces: Sequence[tuple[int, np.ndarray]], what: str = "window get"
+    ) -> Pending:
         """Fill each array with ``target``'s memory at its offset."""
         ...
 
-    def lock_self(self) -> AbstractContextManager[np.ndarray]:
-        """Exclusive access to this rank's own memory, yielded as a 1-D uint8 array."""
+    def swap(
+        self,
+        target: int,
+        pieces: Sequence[tuple[int, np.ndarray]],
+        olds: Sequence[np.ndarray],
+        what: str = "window swap",
+    ) -> Pending:
+        """Per element at once: ``olds[k]`` ← ``target``'s memory, which ← ``pieces[k]``'s array."""
         ...
 
-    def free(self) -> None:
-        """Release the memory (collective: every rank calls it)."""
+    def barrier(self, what: str) -> None:
+        """Return once every rank of the window called ``barrier`` (the same number of times).
+
+        Bounded: after the timeout it raises ``CommTimeoutError`` naming the ranks that did
+        not arrive.  Never matched by barriers of other windows or of the transport.
+        """
+        ...
+
+    def mutex_acquire(self, ranks: Sequence[int], what: str = "window mutex") -> None:
+        """Take the user-level mutex of each rank in ``ranks`` (sorted, distinct), in order.
+
+        One mutex lives at every rank; at most one process holds it.  Spins with backoff and
+        raises ``CommTimeoutError`` naming the rank whose mutex stayed taken; nothing is held
+        after a failure.
+        """
+        ...
+
+    def mutex_release(self, ranks: Sequence[int], what: str = "window mutex") -> None:
+        """Release mutexes taken by :meth:`mutex_acquire`."""
+        ...
+
+    def free(self, what: str = "window free") -> None:
+        """Release the memory (collective: every rank calls it, after its operations completed).
+
+        Every rank first meets in :meth:`barrier`; if that times out the memory is abandoned
+        (never entering the collective release a peer will not join) and the error raised.
+        """
         ...
 
 

@@ -11,23 +11,34 @@ memory (MPI-3 RMA through the backend's :class:`~bluefog_fn.backend.transport.Wi
 Every piece has the fused layout of the tree (``plan.build_layout``: one buffer per dtype;
 float16/bfloat16 are stored as float32 so that ``accumulate`` can be an atomic MPI sum).
 
-Each method validates its arguments (naming them) before any one-sided operation and is
-**synchronous**: when it returns the data is at the target.  ``put``/``accumulate``/``get``
-lock the target shared, ``update`` locks the own memory exclusively while it reads and (with
-``reset``) zeroes the slots, so a concurrent ``accumulate`` lands entirely before or entirely
-after: no mass is lost or counted twice.  Inside ``bf.simulate(n)`` the same methods act on all
-agents at once, synchronously and deterministically (leaves carry the agent dimension).
+Each method validates its arguments (naming them) before any one-sided operation.  ``put``,
+``accumulate`` and ``get`` are **synchronous** (the data is at the target when they return);
+their ``_async`` forms return a :class:`~bluefog_fn.ops.handle.Handle` (``wait()`` /
+``done()``, BlueFog's ``win_*_nonblocking`` with ``win_wait`` / ``win_poll``).  ``update``,
+``collect``, ``get`` and ``free`` first complete this rank's async operations on the window.
+Every access is atomic per element (MPI accumulate-family operations), so an ``accumulate``
+concurrent with the target's ``update(reset=True)`` lands entirely before or entirely after
+it, element by element: no mass is lost or counted twice.  ``win.mutex(ranks)`` is a
+user-level lock (BlueFog's ``win_mutex``) for critical sections spanning several calls.  A
+window is a context manager that frees it on exit.  Leaves may be floating point or integer
+(with integer leaves every weight must be a whole number, and arithmetic is exact in int64).
+Inside ``bf.simulate(n)`` the same methods act on all agents at once, synchronously and
+deterministically (leaves carry the agent dimension; async handles are complete at once).
 
 Differences from BlueFog: slots start at **zero** (BlueFog copies the creator's value unless
 ``zero_init=True``); ``put``/``accumulate`` never modify their input (BlueFog's ``self_weight``
 scales the tensor in place); the window is an object, not a name in a global registry; a
 dynamic topology is allowed (slots for the union of its graphs; the methods' ``step`` picks
-the default neighbours and weights); ``reset`` zeroes only the slots that were combined.
+the default neighbours and weights); ``reset`` zeroes only the slots that were combined;
+atomicity is per element, not per message (BlueFog's ``require_mutex`` is ``win.mutex``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from types import TracebackType
 from typing import Any
 
 import numpy as np
@@ -48,18 +59,50 @@ from ..plan import (
 from ..tracing import AnyTopology, check_step, graph_at
 from ..tree import Flat, flatten
 from ..world import World, current
-from .neighbor import _check_floating
+from .handle import Handle, tracked
 
 SrcWeights = Mapping[int, float]
 DstWeights = Mapping[int, float] | Sequence[int]
 
 _HALF = (torch.float16, torch.bfloat16)
+_FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INTEGER = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 _ALIGN = 8
+
+logger = logging.getLogger("bluefog_fn")
 
 
 def _storage(dtype: torch.dtype) -> torch.dtype:
     """Half types are kept as float32 in the window (MPI has no half-precision sum)."""
     return torch.float32 if dtype in _HALF else dtype
+
+
+def _check_dtypes(fn: str, flat: Flat) -> None:
+    for i, t in enumerate(flat.tensors):
+        if t.dtype not in _FLOATING + _INTEGER:
+            raise TypeError(
+                f"{fn}: tree leaf {flat.path(i)} has dtype {t.dtype}; a window holds floating-point or "
+                "integer leaves"
+            )
+
+
+def _scaled(buf: torch.Tensor, w: float) -> torch.Tensor:
+    """``w · buf``; integer buffers are scaled by the (whole-number) weight exactly."""
+    if w == 1.0:
+        return buf
+    return buf * w if buf.is_floating_point() else buf * int(w)
+
+
+@contextlib.contextmanager
+def _timed(world: World, name: str) -> Iterator[None]:
+    """Record the body as one event on the world's timeline, if it has one."""
+    timeline = world.timeline
+    if timeline is None:
+        yield
+        return
+    start = timeline.now()
+    yield
+    timeline.record(name, start, timeline.now())
 
 
 def _describe(flat: Flat) -> tuple[Any, ...]:
@@ -72,7 +115,9 @@ def _agent_flat(world: World, flat: Flat, fn: str) -> Flat:
     from ..sim import in_vmap, strip_agent_dim
 
     if in_vmap():
-        raise RuntimeError(f"{fn}: windows are not available inside bf.sim.vmap; use stacked trees in bf.simulate")
+        raise RuntimeError(
+            f"{fn}: windows are not available inside bf.sim.vmap; use stacked trees in bf.simulate"
+        )
     return strip_agent_dim(flat, world.size, fn)
 
 
@@ -82,27 +127,35 @@ class _Neighbours:
     def __init__(self, topology: AnyTopology) -> None:
         graphs = [topology.at(k) for k in range(topology.period)]
         n = topology.size
-        self.ins = tuple(tuple(sorted({j for g in graphs for j in g.in_neighbors(r)})) for r in range(n))
-        self.outs = tuple(tuple(sorted({j for g in graphs for j in g.out_neighbors(r)})) for r in range(n))
-        self.slot = [{j: k + 1 for k, j in enumerate(ins)} for ins in self.ins]  # region 0 is the own value
+        self.ins = tuple(
+            tuple(sorted({j for g in graphs for j in g.in_neighbors(r)})) for r in range(n)
+        )
+        self.outs = tuple(
+            tuple(sorted({j for g in graphs for j in g.out_neighbors(r)})) for r in range(n)
+        )
+        self.slot = [
+            {j: k + 1 for k, j in enumerate(ins)} for ins in self.ins
+        ]  # region 0 is the own value
 
 
 class Window:
     """One-sided communication window over ``tree`` (BlueFog's ``win_create``); collective.
 
-    Every rank passes a tree of the same structure, shapes and floating dtypes (``None``
-    leaves pass through) and the same topology; a mismatch raises
+    Every rank passes a tree of the same structure, shapes and dtypes (floating point or
+    integer; ``None`` leaves pass through) and the same topology; a mismatch raises
     :class:`~bluefog_fn.MismatchError` on every rank.  The window starts with the rank's own
     value ``x_i = tree`` and a zeroed slot ``s_ij`` per in-neighbour ``j`` (all graphs of a
-    dynamic topology's period).  All methods are synchronous (complete at return).
+    dynamic topology's period).
 
     * :meth:`put` ``(tree, dst_weights)``: ``s_di ← w_d · tree`` at each destination ``d``;
     * :meth:`accumulate` ``(tree, dst_weights)``: ``s_di ← s_di + w_d · tree`` (atomic);
     * :meth:`get` ``(src_weights)``: ``s_ij ← w_j · x_j`` for each source ``j``;
+    * ``put_async`` / ``accumulate_async`` / ``get_async``: the same, returning a handle;
     * :meth:`update` ``(tree, self_weight, src_weights, reset)``: returns
       ``w_ii · x_i + Σ_j w_ij · s_ij`` and makes it the new own value ``x_i``;
     * :meth:`collect` ``(tree)``: ``update`` with every weight 1 and ``reset=True`` (push-sum);
-    * :meth:`free`: collective release; any later use raises.
+    * :meth:`mutex` ``(ranks)``: a context manager holding the mutexes of ``ranks``;
+    * :meth:`free`: collective release (also on leaving a ``with`` block); later use raises.
 
     Args:
         tree: this rank's initial value (inside ``bf.simulate(n)``: stacked, leading dim n).
@@ -110,18 +163,17 @@ class Window:
 
     Example:
         >>> import torch, bluefog_fn as bf
-        >>> win = bf.Window({"w": torch.ones(2)}, bf.topology.ring(bf.size()))
-        >>> win.accumulate({"w": torch.ones(2)})
-        >>> win.update(self_weight=1.0)["w"].tolist() == [1.0 + (bf.size() > 1)] * 2
+        >>> with bf.Window({"w": torch.ones(2)}, bf.topology.ring(bf.size())) as win:
+        ...     win.accumulate_async({"w": torch.ones(2)}).wait()
+        ...     win.update(self_weight=1.0)["w"].tolist() == [1.0 + (bf.size() > 1)] * 2
         True
-        >>> win.free()
     """
 
     def __init__(self, tree: Any, topology: AnyTopology) -> None:
         fn = "Window"
         world = current()
         flat = flatten(tree, fn)
-        _check_floating(fn, flat)
+        _check_dtypes(fn, flat)
         agent = _agent_flat(world, flat, fn)
         graph_at(fn, topology, 0, world.size)  # type and size checks
         self._world = world
@@ -129,6 +181,7 @@ class Window:
         self._nb = _Neighbours(topology)
         self._desc = _describe(agent)
         self._layout: Layout = build_layout(agent.metas)
+        self._integer = any(g.dtype in _INTEGER for g in self._layout.groups)
         self._plan = CommPlan(op="Window", rank=world.rank, size=world.size, layout=self._layout)
         # Byte offset of each dtype group inside one region; regions are [own, slot 1, ...].
         offsets, stride = [], 0
@@ -139,6 +192,8 @@ class Window:
         self._offsets = tuple(offsets)
         self._stride = stride
         self._freed = False
+        self._pending: list[Handle[None]] = []  # this rank's async operations not yet waited
+        self._held: set[tuple[int, int]] = set()  # (agent, rank) of the mutexes held
         self._template = flat  # rebuilds results of update() called without a tree
         if world.simulated:
             self._sim: _SimWindow | None = _SimWindow(self, flat)
@@ -158,18 +213,42 @@ class Window:
         )
         agree(world, fn, plan, per_call_graph=True)
         assert world.transport is not None
-        self._handle = world.transport.window_create(self._stride * (1 + len(self._nb.ins[me])))
-        own = self._pack(flat.tensors)
-        with self._handle.lock_self() as mem:
-            for gi, buf in enumerate(own):
-                self._view(mem, 0, gi)[:] = buf
-        world.transport.barrier().wait()  # nobody touches a window before every rank made it
+        with _timed(world, "Window.create"):
+            handle = world.transport.window_create(self._stride * (1 + len(self._nb.ins[me])))
+            self._handle = handle
+            own = self._pack(flat.tensors)
+            handle.put(me, self._pieces(0, own), fn).wait()
+            handle.barrier(f"{fn} (creation)")  # nobody touches a window before every rank made it
 
     # ----------------------------------------------------------------------------- helpers
 
     def __repr__(self) -> str:
         state = "freed" if self._freed else f"{self._layout.nbytes} bytes per region"
         return f"Window({self._topology!r}, {state})"
+
+    def __enter__(self) -> Window:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._freed:
+            return
+        if exc is None:
+            self.free()
+            return
+        # Free on the way out of a failure too; if the peers are not freeing (they did not fail
+        # the same way), free fails within the timeout and the original error stays the one raised.
+        try:
+            self.free()
+        except Exception as err:  # any failure of free must not mask the original error
+            note = f"Window: freeing the window while handling this error also failed: {err}"
+            logger.warning(note)
+            if hasattr(exc, "add_note"):
+                exc.add_note(note)
 
     @property
     def topology(self) -> AnyTopology:
@@ -189,7 +268,9 @@ class Window:
             raise RuntimeError(f"{fn}: the window was freed")
         world = current()
         if world is not self._world:
-            raise RuntimeError(f"{fn}: the window belongs to another world (created in a {self._world.backend} world)")
+            raise RuntimeError(
+                f"{fn}: the window belongs to another world (created in a {self._world.backend} world)"
+            )
         return world
 
     def _flat(self, fn: str, tree: Any) -> Flat:
@@ -215,19 +296,60 @@ class Window:
             out.append(buf)
         return out
 
-    def _view(self, mem: np.ndarray, region: int, gi: int) -> np.ndarray:
-        g = self._layout.groups[gi]
-        dtype = host_array(torch.empty(0, dtype=_storage(g.dtype))).dtype
-        start = region * self._stride + self._offsets[gi]
-        return mem[start : start + g.numel * dtype.itemsize].view(dtype)
+    def _empty(self) -> list[torch.Tensor]:
+        return [torch.empty(g.numel, dtype=_storage(g.dtype)) for g in self._layout.groups]
 
-    def _unflatten(self, flat: Flat | None, buffers: Sequence[torch.Tensor], device: torch.device) -> Any:
+    def _pieces(self, region: int, bufs: Sequence[torch.Tensor]) -> list[tuple[int, np.ndarray]]:
+        """``(byte offset, array)`` of each group's buffer in ``region`` of a rank's memory."""
+        return [
+            (region * self._stride + self._offsets[gi], host_array(b)) for gi, b in enumerate(bufs)
+        ]
+
+    def _unflatten(
+        self, flat: Flat | None, buffers: Sequence[torch.Tensor], device: torch.device
+    ) -> Any:
         from ..execute import unpack
 
         leaves = unpack(self._plan, buffers, device)
         return (self._template if flat is None else flat).unflatten(leaves)
 
+    def _settle(self) -> None:
+        """Complete this rank's async operations, oldest first (their errors surface here)."""
+        while self._pending:
+            self._pending[0].wait()
+
+    def _async(
+        self, world: World, name: str, pendings: Sequence[Any], finish: Any = None
+    ) -> Handle[None]:
+        """A tracked handle over backend operations in flight; ``finish`` runs after they complete."""
+
+        def complete() -> None:
+            try:
+                for p in pendings:
+                    p.wait()
+                if finish is not None:
+                    finish()
+            finally:
+                self._pending.remove(handle)
+
+        handle: Handle[None] = tracked(
+            world, name, complete, lambda: all(p.done() for p in pendings)
+        )
+        self._pending.append(handle)
+        return handle
+
     # ----------------------------------------------------------------- argument resolution
+
+    def _integral(self, fn: str, arg: str, pairs: Sequence[tuple[Any, float]]) -> None:
+        """Integer windows combine exactly in int64, so every weight must be a whole number."""
+        if not self._integer:
+            return
+        bad = [(k, w) for k, w in pairs if not float(w).is_integer()]
+        if bad:
+            raise ValueError(
+                f"{fn}: the window has integer leaves, so {arg} must be whole numbers; got "
+                + ", ".join(f"{arg}[{k!r}] = {w!r}" for k, w in bad)
+            )
 
     def _dst(self, fn: str, dst_weights: Any, step: int, me: int) -> tuple[tuple[int, float], ...]:
         dst = canonical_dst_weights(fn, dst_weights, self._world.size, me)
@@ -240,9 +362,12 @@ class Window:
                 f"{fn}: dst_weights names rank(s) {bad} that have no slot for rank {me} "
                 f"(its out-neighbours in the window's topology: {list(allowed)})"
             )
+        self._integral(fn, "dst_weights", dst)
         return dst
 
-    def _src(self, fn: str, src_weights: Any, step: int, me: int) -> tuple[tuple[int, float], ...] | None:
+    def _src(
+        self, fn: str, src_weights: Any, step: int, me: int
+    ) -> tuple[tuple[int, float], ...] | None:
         src = canonical_src_weights(fn, src_weights, self._world.size, me)
         if src is None:
             return None
@@ -253,7 +378,18 @@ class Window:
                 f"{fn}: src_weights names rank(s) {bad} that have no slot at rank {me} "
                 f"(its in-neighbours in the window's topology: {list(allowed)})"
             )
+        self._integral(fn, "src_weights", src)
         return src
+
+    def _get_src(
+        self, fn: str, src_weights: Any, step: int, me: int
+    ) -> tuple[tuple[int, float], ...]:
+        src = self._src(fn, src_weights, step, me)
+        return (
+            src
+            if src is not None
+            else tuple((j, 1.0) for j in self._topology.at(step).in_neighbors(me))
+        )
 
     def _update_weights(
         self, fn: str, self_weight: Any, src_weights: Any, step: int, me: int
@@ -263,9 +399,14 @@ class Window:
         graph = self._topology.at(step)
         if src is None:
             src = tuple(sorted(graph.recv_weights(me).items()))
+            self._integral(fn, "src_weights (the topology's weights)", src)
         elif sw is None:
-            raise ValueError(f"{fn}: self_weight is required when src_weights is given (got self_weight=None)")
-        return (graph.self_weight(me) if sw is None else sw), src
+            raise ValueError(
+                f"{fn}: self_weight is required when src_weights is given (got self_weight=None)"
+            )
+        resolved = graph.self_weight(me) if sw is None else sw
+        self._integral(fn, "self_weight", [("self", resolved)])
+        return resolved, src
 
     # ------------------------------------------------------------------------ the methods
 
@@ -280,33 +421,70 @@ class Window:
                 In the simulator: one value for all agents or a list of n.
             step: picks the default destinations of a dynamic topology.
         """
-        self._push("Window.put", tree, dst_weights, step, accumulate=False)
+        self._push("Window.put", tree, dst_weights, step, accumulate=False).wait()
 
-    def accumulate(self, tree: Any, dst_weights: DstWeights | None = None, *, step: int = 0) -> None:
+    def put_async(
+        self, tree: Any, dst_weights: DstWeights | None = None, *, step: int = 0
+    ) -> Handle[None]:
+        """:meth:`put` without waiting (``win_put_nonblocking``); ``wait()`` / ``done()`` on the handle.
+
+        ``tree`` is copied before the call returns, so the caller may change it at once.  The
+        data is at every destination once the handle completed (``wait()`` returned or
+        ``done()`` is true), at the latest when this rank next calls ``update``, ``collect``,
+        ``get`` or ``free`` on the window.
+
+        Example:
+            >>> import torch, bluefog_fn as bf
+            >>> with bf.Window(torch.zeros(2), bf.topology.ring(bf.size())) as win:
+            ...     handle = win.put_async(torch.ones(2))
+            ...     handle.wait()
+            ...     handle.done()
+            True
+        """
+        return self._push("Window.put_async", tree, dst_weights, step, accumulate=False)
+
+    def accumulate(
+        self, tree: Any, dst_weights: DstWeights | None = None, *, step: int = 0
+    ) -> None:
         """Add ``w_d · tree`` into this rank's slot at each destination ``d`` (``win_accumulate``).
 
-        Atomic with respect to concurrent accumulates and to the target's :meth:`update`
-        (``MPI_Accumulate`` with ``MPI_SUM`` under a shared lock).  Arguments as :meth:`put`.
+        Atomic per element with respect to concurrent accumulates and to the target's
+        :meth:`update` (``MPI_Accumulate`` with ``MPI_SUM``).  Arguments as :meth:`put`.
         """
-        self._push("Window.accumulate", tree, dst_weights, step, accumulate=True)
+        self._push("Window.accumulate", tree, dst_weights, step, accumulate=True).wait()
 
-    def _push(self, fn: str, tree: Any, dst_weights: Any, step: int, *, accumulate: bool) -> None:
+    def accumulate_async(
+        self, tree: Any, dst_weights: DstWeights | None = None, *, step: int = 0
+    ) -> Handle[None]:
+        """:meth:`accumulate` without waiting (``win_accumulate_nonblocking``); see :meth:`put_async`.
+
+        Mass is never lost: until the handle completes the shares are in flight (counted by
+        nobody's own value yet); afterwards they are in the destinations' slots, which the
+        destination's next ``collect`` reads and zeroes atomically.
+        """
+        return self._push("Window.accumulate_async", tree, dst_weights, step, accumulate=True)
+
+    def _push(
+        self, fn: str, tree: Any, dst_weights: Any, step: int, *, accumulate: bool
+    ) -> Handle[None]:
         world = self._check_open(fn)
         step = check_step(fn, step)
         flat = self._flat(fn, tree)
         if self._sim is not None:
-            self._sim.push(fn, flat, dst_weights, step, accumulate)
-            return
-        dst = self._dst(fn, dst_weights, step, world.rank)
+            with _timed(world, fn):
+                self._sim.push(fn, flat, dst_weights, step, accumulate)
+            return tracked(world, fn, lambda: None)
+        me = world.rank
+        dst = self._dst(fn, dst_weights, step, me)
         bufs = self._pack(flat.tensors)
-        assert self._handle is not None
+        handle = self._handle
+        assert handle is not None
+        what = f"{fn} (step {step})"
+        pendings = []
         for d, w in dst:
-            region = self._nb.slot[d][world.rank]
-            pieces = []
-            for gi, buf in enumerate(bufs):
-                data = buf if w == 1.0 else buf * w
-                pieces.append((region * self._stride + self._offsets[gi], host_array(data)))
-            (self._handle.accumulate if accumulate else self._handle.put)(d, pieces)
+            pieces = self._pieces(self._nb.slot[d][me], [_scaled(b, w) for b in bufs])
+            pendings.append((handle.accumulate if accumulate else handle.put)(d, pieces, what))
+        return self._async(world, fn, pendings)
 
     def get(self, src_weights: SrcWeights | None = None, *, step: int = 0) -> None:
         """Fetch each source's own value into its slot here, scaled: ``s_ij ← w_j · x_j`` (``win_get``).
@@ -321,23 +499,43 @@ class Window:
                 for all agents or a list of n.
             step: picks the default sources of a dynamic topology.
         """
-        fn = "Window.get"
+        self._get("Window.get", src_weights, step).wait()
+
+    def get_async(self, src_weights: SrcWeights | None = None, *, step: int = 0) -> Handle[None]:
+        """:meth:`get` without waiting (``win_get_nonblocking``).
+
+        The values are fetched in the background; the slots here are written when the handle
+        is waited (``wait()``, or this rank's next ``update``, ``collect``, ``get`` or ``free``).
+        """
+        return self._get("Window.get_async", src_weights, step)
+
+    def _get(self, fn: str, src_weights: Any, step: int) -> Handle[None]:
         world = self._check_open(fn)
         step = check_step(fn, step)
         if self._sim is not None:
-            self._sim.get(fn, src_weights, step)
-            return
+            with _timed(world, fn):
+                self._sim.get(fn, src_weights, step)
+            return tracked(world, fn, lambda: None)
         me = world.rank
-        src = self._src(fn, src_weights, step, me)
-        if src is None:
-            src = tuple((j, 1.0) for j in self._topology.at(step).in_neighbors(me))
-        assert self._handle is not None
-        for j, w in src:
-            fetched = [torch.empty(g.numel, dtype=_storage(g.dtype)) for g in self._layout.groups]
-            self._handle.get(j, [(self._offsets[gi], host_array(b)) for gi, b in enumerate(fetched)])
-            with self._handle.lock_self() as mem:
-                for gi, b in enumerate(fetched):
-                    self._view(mem, self._nb.slot[me][j], gi)[:] = host_array(b * w if w != 1.0 else b)
+        src = self._get_src(fn, src_weights, step, me)
+        self._settle()  # an older get into the same slot must not land after this one
+        handle = self._handle
+        assert handle is not None
+        what = f"{fn} (step {step})"
+        fetched = [(j, w, self._empty()) for j, w in src]
+        pendings = [handle.get(j, self._pieces(0, bufs), what) for j, _, bufs in fetched]
+
+        def store() -> None:
+            writes = [
+                handle.put(
+                    me, self._pieces(self._nb.slot[me][j], [_scaled(b, w) for b in bufs]), what
+                )
+                for j, w, bufs in fetched
+            ]
+            for p in writes:
+                p.wait()
+
+        return self._async(world, fn, pendings, store)
 
     def update(
         self,
@@ -350,9 +548,11 @@ class Window:
     ) -> Any:
         """``w_ii · x_i + Σ_j w_ij · s_ij``, which becomes the new own value (``win_update``).
 
-        Reads (and with ``reset`` zeroes) the slots under an exclusive lock of this rank's
-        memory, so each concurrent remote operation lands entirely before or entirely after.
-        Computed in float64, one rounding to the storage dtype, then to the tree's dtypes.
+        First completes this rank's async operations on the window.  Reads (and with
+        ``reset`` zeroes in the same atomic operation) the slots, so each element of a
+        concurrent remote operation lands entirely before or entirely after.  Computed in
+        float64 (int64 for integer leaves), one rounding to the storage dtype, then to the
+        tree's dtypes.
 
         Args:
             tree: if given, replaces the own value ``x_i`` first (e.g. after a local step).
@@ -373,25 +573,35 @@ class Window:
             raise TypeError(f"{fn}: reset must be a bool, got {type(reset).__name__} {reset!r}")
         flat = None if tree is None else self._flat(fn, tree)
         if self._sim is not None:
-            return self._sim.update(fn, flat, self_weight, src_weights, reset, step)
+            with _timed(world, fn):
+                return self._sim.update(fn, flat, self_weight, src_weights, reset, step)
         me = world.rank
         sw, src = self._update_weights(fn, self_weight, src_weights, step, me)
-        own = None if flat is None else self._pack(flat.tensors)
-        assert self._handle is not None
-        outs = []
-        with self._handle.lock_self() as mem:
-            for gi in range(len(self._layout.groups)):
-                x = self._view(mem, 0, gi)
-                if own is not None:
-                    x[:] = host_array(own[gi])
-                slots = [torch.from_numpy(self._view(mem, self._nb.slot[me][j], gi)) for j, _ in src]
-                out = combine_update(torch.from_numpy(x), slots, [w for _, w in src], sw)
-                x[:] = host_array(out)
+        handle = self._handle
+        assert handle is not None
+        what = f"{fn} (step {step})"
+        with _timed(world, fn):
+            self._settle()
+            own = self._empty() if flat is None else self._pack(flat.tensors)
+            reads = [] if flat is not None else [handle.get(me, self._pieces(0, own), what)]
+            slots = [self._empty() for _ in src]
+            for (j, _), bufs in zip(src, slots, strict=True):
+                pieces = self._pieces(self._nb.slot[me][j], bufs)
                 if reset:
-                    for s in slots:
-                        s.zero_()
-                outs.append(out)
-        device = flat.tensors[0].device if flat is not None and flat.tensors else torch.device("cpu")
+                    zeros = [(off, np.zeros_like(arr)) for off, arr in pieces]
+                    reads.append(handle.swap(me, zeros, [arr for _, arr in pieces], what))
+                else:
+                    reads.append(handle.get(me, pieces, what))
+            for p in reads:
+                p.wait()
+            outs = [
+                combine_update(own[gi], [bufs[gi] for bufs in slots], [w for _, w in src], sw)
+                for gi in range(len(self._layout.groups))
+            ]
+            handle.put(me, self._pieces(0, outs), what).wait()
+        device = (
+            flat.tensors[0].device if flat is not None and flat.tensors else torch.device("cpu")
+        )
         return self._unflatten(flat, outs, device)
 
     def collect(self, tree: Any = None, *, step: int = 0) -> Any:
@@ -419,24 +629,118 @@ class Window:
         step = check_step(fn, step)
         graph = self._topology.at(step)
         ranks = range(world.size) if world.simulated else [world.rank]
-        shares = torch.tensor([1.0 / (len(graph.out_neighbors(r)) + 1) for r in ranks], dtype=torch.float64)
+        shares = torch.tensor(
+            [1.0 / (len(graph.out_neighbors(r)) + 1) for r in ranks], dtype=torch.float64
+        )
         return shares if world.simulated else shares[0]
 
+    def _mutex_ranks(self, fn: str, ranks: Any) -> list[tuple[int, tuple[int, ...]]]:
+        """``(agent, sorted distinct ranks)`` for every agent this process acts for."""
+        world = self._world
+        agents = range(world.size) if world.simulated else [world.rank]
+        if ranks is None:
+            return [(a, self._nb.outs[a]) for a in agents]
+        items = [ranks] if isinstance(ranks, int) and not isinstance(ranks, bool) else ranks
+        if not isinstance(items, (list, tuple)):
+            raise TypeError(
+                f"Window.mutex: ranks must be a rank, a list of ranks or None, got {type(ranks).__name__}"
+            )
+        checked = []
+        for r in items:
+            if isinstance(r, bool) or not isinstance(r, int):
+                raise TypeError(f"{fn}: ranks must be int ranks, got {type(r).__name__} {r!r}")
+            if not 0 <= r < world.size:
+                raise ValueError(f"{fn}: ranks has rank {r} but the world has {world.size} ranks")
+            checked.append(r)
+        if len(set(checked)) != len(checked):
+            raise ValueError(f"{fn}: ranks must not repeat a rank, got {list(items)}")
+        return [(a, tuple(sorted(checked))) for a in agents]
+
+    @contextlib.contextmanager
+    def mutex(self, ranks: int | Sequence[int] | None = None) -> Iterator[None]:
+        """Hold the user-level mutex of each rank in ``ranks`` for the ``with`` body (``win_mutex``).
+
+        Every rank owns one mutex; at most one process holds it at a time, so the bodies of
+        ``with win.mutex([r])`` on different ranks never overlap.  Mutexes are taken in rank
+        order (so two callers never deadlock) and are not re-entrant: taking one this rank
+        already holds raises ``RuntimeError``.  Window operations do not take them: they are
+        for critical sections spanning several calls (e.g. a read-modify-write of a slot).
+        Waiting longer than the timeout raises :class:`~bluefog_fn.CommTimeoutError` naming
+        the rank whose mutex stayed held.  In the simulator (no concurrency) it only checks.
+
+        Args:
+            ranks: a rank or a list of ranks (this rank's own included, for its own memory);
+                default: this rank's out-neighbours in the window's topology (BlueFog's default).
+
+        Example:
+            >>> import torch, bluefog_fn as bf
+            >>> with bf.Window(torch.zeros(1), bf.topology.ring(bf.size())) as win:
+            ...     with win.mutex([0]):
+            ...         win.update().tolist()
+            [0.0]
+        """
+        fn = "Window.mutex"
+        world = self._check_open(fn)
+        resolved = self._mutex_ranks(fn, ranks)
+        wanted = {(a, r) for a, rs in resolved for r in rs}
+        again = sorted(r for _, r in wanted & self._held)
+        if again:
+            raise RuntimeError(
+                f"{fn}: this rank already holds the mutex of rank(s) {again}; mutexes are not re-entrant"
+            )
+        mine = resolved[0][1] if self._sim is None else ()
+        handle = self._handle
+        with _timed(world, "Window.mutex_acquire"):
+            if handle is not None:
+                handle.mutex_acquire(mine, f"{fn} (ranks {list(mine)})")
+        self._held |= wanted
+        try:
+            yield
+        finally:
+            self._held -= wanted
+            if handle is not None and not self._freed:
+                handle.mutex_release(mine, f"{fn} (ranks {list(mine)})")
+
     def free(self) -> None:
-        """Release the window (collective: every rank calls it); later use raises ``RuntimeError``."""
+        """Release the window (collective: every rank calls it); later use raises ``RuntimeError``.
+
+        Completes this rank's async operations first.  If the other ranks do not free it too
+        within the timeout (they are out of step), raises
+        :class:`~bluefog_fn.CommTimeoutError` naming them and abandons the memory, rather
+        than entering MPI's collective release alone.
+        """
         fn = "Window.free"
         world = self._check_open(fn)
+        if self._held:
+            raise RuntimeError(
+                f"{fn}: called while holding the mutex of rank(s) {sorted({r for _, r in self._held})}; "
+                "leave the win.mutex block first"
+            )
         self._freed = True
-        if self._handle is not None:
-            assert world.transport is not None
-            world.transport.barrier().wait()  # bounded: every rank is done with the window
-            self._handle.free()
-            self._handle = None
+        handle, self._handle = self._handle, None
         self._sim = None
+        if handle is None:
+            return
+        with _timed(world, fn):
+            try:
+                self._settle()
+            finally:
+                self._pending.clear()
+                handle.free(fn)
 
 
-def combine_update(x: torch.Tensor, slots: Sequence[torch.Tensor], weights: Sequence[float], self_weight: float) -> torch.Tensor:
-    """``self_weight · x + Σ_k weights[k] · slots[k]`` in float64 (in order), cast back to x's dtype."""
+def combine_update(
+    x: torch.Tensor, slots: Sequence[torch.Tensor], weights: Sequence[float], self_weight: float
+) -> torch.Tensor:
+    """``self_weight · x + Σ_k weights[k] · slots[k]`` in float64 (in order), cast back to x's dtype.
+
+    Integer buffers (whose weights are whole numbers) are combined exactly in int64.
+    """
+    if not x.is_floating_point():
+        iacc = x.to(torch.int64) * int(self_weight)
+        for s, w in zip(slots, weights, strict=True):
+            iacc += s.to(torch.int64) * int(w)
+        return iacc.to(x.dtype)
     acc = x.to(torch.float64) * self_weight
     for s, w in zip(slots, weights, strict=True):
         acc += s.to(torch.float64) * w
@@ -460,7 +764,9 @@ class _SimWindow:
         for g in window._layout.groups:
             buf = torch.empty(n, g.numel, dtype=_storage(g.dtype))
             for s in g.slots:
-                buf[:, s.offset : s.offset + s.numel].copy_(flat.tensors[s.leaf].detach().reshape(n, -1))
+                buf[:, s.offset : s.offset + s.numel].copy_(
+                    flat.tensors[s.leaf].detach().reshape(n, -1)
+                )
             self.own.append(buf)
             self.slots.append(torch.zeros(n, width, g.numel, dtype=_storage(g.dtype)))
         self.device = flat.tensors[0].device if flat.tensors else torch.device("cpu")
@@ -471,7 +777,9 @@ class _SimWindow:
         for g in self.w._layout.groups:
             buf = torch.empty(self.n, g.numel, dtype=_storage(g.dtype))
             for s in g.slots:
-                buf[:, s.offset : s.offset + s.numel].copy_(flat.tensors[s.leaf].detach().reshape(self.n, -1))
+                buf[:, s.offset : s.offset + s.numel].copy_(
+                    flat.tensors[s.leaf].detach().reshape(self.n, -1)
+                )
             out.append(buf)
         return out
 
@@ -485,7 +793,7 @@ class _SimWindow:
             for d, wt in dst:
                 row = self.w._nb.slot[d][i] - 1
                 for gi, buf in enumerate(bufs):
-                    data = buf[i] if wt == 1.0 else buf[i] * wt
+                    data = _scaled(buf[i], wt)
                     if accumulate:
                         self.slots[gi][d, row] += data
                     else:
@@ -498,15 +806,21 @@ class _SimWindow:
         srcs = []
         for i in range(self.n):
             src = self.w._src(fn, per[i], step, i)
-            srcs.append(src if src is not None else tuple((j, 1.0) for j in self.w._topology.at(step).in_neighbors(i)))
+            srcs.append(
+                src
+                if src is not None
+                else tuple((j, 1.0) for j in self.w._topology.at(step).in_neighbors(i))
+            )
         snapshot = [o.clone() for o in self.own]  # every agent reads the values before this call
         for i, src in enumerate(srcs):
             for j, wt in src:
                 row = self.w._nb.slot[i][j] - 1
                 for gi, own in enumerate(snapshot):
-                    self.slots[gi][i, row] = own[j] if wt == 1.0 else own[j] * wt
+                    self.slots[gi][i, row] = _scaled(own[j], wt)
 
-    def update(self, fn: str, flat: Flat | None, self_weight: Any, src_weights: Any, reset: bool, step: int) -> Any:
+    def update(
+        self, fn: str, flat: Flat | None, self_weight: Any, src_weights: Any, reset: bool, step: int
+    ) -> Any:
         from ..sim.ops import _self_weights, _src_weights
 
         sws = _self_weights(fn, self_weight, self.n)
@@ -533,5 +847,7 @@ class _SimWindow:
         for gi, g in enumerate(self.w._layout.groups):
             buf = outs[gi].to(g.dtype) if outs[gi].dtype != g.dtype else outs[gi]
             for s in g.slots:
-                leaves[s.leaf] = buf[:, s.offset : s.offset + s.numel].reshape(self.n, *s.shape).to(device)
+                leaves[s.leaf] = (
+                    buf[:, s.offset : s.offset + s.numel].reshape(self.n, *s.shape).to(device)
+                )
         return template.unflatten(leaves)
