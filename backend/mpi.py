@@ -421,34 +421,35 @@ class MpiWindow:
         self._meet(what)
 
     def _meet(self, what: str) -> None:
-        """Every rank sends a token to every other; the receives that never land name who is missing."""
+        """Two rounds of tokens from every rank to every other, each bounded by the timeout.
+
+        Round one says "I am here", round two "I heard everyone".  A rank that returns heard
+        every rank's second token, so every rank got past round one and (barring a death in
+        between) returns too: a rank that gives up in round one never sends its second token,
+        so its peers give up as well instead of entering a collective call alone.
+        """
         self._barriers += 1
-        tag = _BARRIER_TAG + self._barriers % 4096  # consecutive meetings cannot match each other
-        token = np.zeros(1, np.uint8)
-        inbox = np.zeros(max(self.size - 1, 0), np.uint8)
         peers = [r for r in range(self.size) if r != self.rank]
-        recvs = [
-            self.comm.Irecv([inbox[k : k + 1], MPI.BYTE], source=p, tag=tag)
-            for k, p in enumerate(peers)
-        ]
-        sends = [self.comm.Isend([token, MPI.BYTE], dest=p, tag=tag) for p in peers]
-        deadline = time.perf_counter() + self.timeout
-        while not MPI.Request.Testall(recvs):
-            if not _poll(self.timeout, deadline):
-                missing = [
-                    p
-                    for p, r in zip(peers, recvs, strict=True)
-                    if r != MPI.REQUEST_NULL and not r.Test()
-                ]
-                for r in recvs:
-                    with contextlib.suppress(MPI.Exception):  # cancel is best effort
-                        r.Cancel()
-                raise CommTimeoutError(
-                    f"{what}: rank(s) {missing} did not reach this point of the window's use within "
-                    f"{self.timeout:g} s; the ranks are out of step (a rank failed or skipped a window "
-                    "call) or a peer died (BLUEFOG_FN_TIMEOUT sets the limit)"
-                )
-        MPI.Request.Waitall(sends)  # one-byte sends: done once the peers' receives matched
+        for phase, doing in enumerate(("reach", "confirm")):
+            # Tags differ per meeting and round, so an out-of-step rank never completes one.
+            tag = _BARRIER_TAG + (2 * self._barriers + phase) % 8192
+            token = np.zeros(1, np.uint8)
+            inbox = np.zeros(max(len(peers), 1), np.uint8)
+            recvs = [self.comm.Irecv([inbox[k : k + 1], MPI.BYTE], source=p, tag=tag) for k, p in enumerate(peers)]
+            sends = [self.comm.Isend([token, MPI.BYTE], dest=p, tag=tag) for p in peers]
+            deadline = time.perf_counter() + self.timeout
+            while not MPI.Request.Testall(recvs):
+                if not _poll(self.timeout, deadline):
+                    missing = [p for p, r in zip(peers, recvs, strict=True) if not r.Test()]
+                    for r in recvs:
+                        with contextlib.suppress(MPI.Exception):  # cancel is best effort
+                            r.Cancel()
+                    raise CommTimeoutError(
+                        f"{what}: rank(s) {missing} did not {doing} this point of the window's use within "
+                        f"{self.timeout:g} s; the ranks are out of step (a rank failed or skipped a window "
+                        "call) or a peer died (BLUEFOG_FN_TIMEOUT sets the limit)"
+                    )
+            MPI.Request.Waitall(sends)  # one-byte sends: done once the peers' receives matched
 
     def _fetch_add(self, rank: int, value: int, what: str) -> int:
         mwin = self.mutex_win
