@@ -102,9 +102,13 @@ def test_window_accumulate_twice_and_reset() -> None:
         torch.testing.assert_close(win.collect(), expected, **EXACT)
         # No reset: the slots keep their content and are read again.
         win.accumulate(x)
-        first = win.update(self_weight=1.0, src_weights=[{j: 1.0 for j in topo.in_neighbors(i)} for i in range(n)])
+        first = win.update(
+            self_weight=1.0, src_weights=[{j: 1.0 for j in topo.in_neighbors(i)} for i in range(n)]
+        )
         torch.testing.assert_close(first, expected + dense(E, x), **EXACT)
-        second = win.update(self_weight=0.0, src_weights=[{j: 1.0 for j in topo.in_neighbors(i)} for i in range(n)])
+        second = win.update(
+            self_weight=0.0, src_weights=[{j: 1.0 for j in topo.in_neighbors(i)} for i in range(n)]
+        )
         torch.testing.assert_close(second, dense(E, x), **EXACT)
         win.free()
 
@@ -122,7 +126,8 @@ def test_window_put_dst_weights_and_update_src_weights() -> None:
         win.free()
     expected = torch.stack(
         [
-            0.25 * (i + 1) * x[i] + sum((0.5 + j) * (i + j + 1) * x[j] for j in topo.in_neighbors(i))
+            0.25 * (i + 1) * x[i]
+            + sum((0.5 + j) * (i + j + 1) * x[j] for j in topo.in_neighbors(i))
             for i in range(n)
         ]
     )
@@ -137,7 +142,9 @@ def test_window_put_overwrites_and_partial_destinations() -> None:
         win = bf.Window(x, topo)
         win.put(5.0 * x)
         win.put(x, [[(i + 1) % n] for i in range(n)])  # overwrite only the right neighbour
-        out = win.update(self_weight=0.0, src_weights=[{j: 1.0 for j in topo.in_neighbors(i)} for i in range(n)])
+        out = win.update(
+            self_weight=0.0, src_weights=[{j: 1.0 for j in topo.in_neighbors(i)} for i in range(n)]
+        )
         win.free()
     # Each agent's slot from its left neighbour holds 1, from its right neighbour still 5.
     torch.testing.assert_close(out, torch.full((n, 3), 6.0, dtype=F64), **EXACT)
@@ -154,7 +161,9 @@ def test_window_get_fetches_own_values() -> None:
         # The own value is now W x; a weighted get fetches 2·(W x)_j.
         wx = dense(topo.mixing_matrix(), x)
         win.get([{j: 2.0 for j in topo.in_neighbors(i)} for i in range(n)])
-        out = win.update(self_weight=0.0, src_weights=[{j: 1.0 for j in topo.in_neighbors(i)} for i in range(n)])
+        out = win.update(
+            self_weight=0.0, src_weights=[{j: 1.0 for j in topo.in_neighbors(i)} for i in range(n)]
+        )
         win.free()
     torch.testing.assert_close(out, 2.0 * dense(adjacency(topo), wx), **EXACT)
 
@@ -166,7 +175,9 @@ def test_window_dynamic_topology_steps() -> None:
     expected = x.clone()
     with bf.simulate(n):
         win = bf.Window(x, topo)
-        assert win.in_neighbors(0) == tuple(sorted({j for k in range(topo.period) for j in topo.at(k).in_neighbors(0)}))
+        assert win.in_neighbors(0) == tuple(
+            sorted({j for k in range(topo.period) for j in topo.at(k).in_neighbors(0)})
+        )
         cur = x
         for k in range(5):
             win.put(cur, step=k)
@@ -229,12 +240,16 @@ def test_push_sum_conserves_mass(kind: str, n: int, steps: int, seed: int) -> No
         x = x0
         for k in range(steps):
             x, state = opt.step(x, torch.zeros_like(x), state, k)
-            torch.testing.assert_close(state.weight.sum(), torch.tensor(float(n), dtype=F64), **EXACT)
+            torch.testing.assert_close(
+                state.weight.sum(), torch.tensor(float(n), dtype=F64), **EXACT
+            )
             torch.testing.assert_close(state.numerator.sum(0), x0.sum(0), atol=1e-12, rtol=1e-12)
         state.window.free()
 
 
-def _push_sum_reference(topo: Any, x0: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _push_sum_reference(
+    topo: Any, x0: torch.Tensor, steps: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense push-sum: ``u ← A_k u``, ``w ← A_k w`` with column-stochastic uniform shares."""
     n = x0.shape[0]
     u, w = x0.clone(), torch.ones(n, dtype=F64)
@@ -326,11 +341,15 @@ def test_window_validation_errors() -> None:
             win.put(torch.ones(4, 2, dtype=F64))
         with pytest.raises(ValueError, match=r"Window.accumulate: tree must match"):
             win.accumulate(torch.ones(4, 3, dtype=torch.float32))
-        with pytest.raises(ValueError, match=r"dst_weights names rank\(s\) \[2\] that have no slot for rank 0"):
+        with pytest.raises(
+            ValueError, match=r"dst_weights names rank\(s\) \[2\] that have no slot for rank 0"
+        ):
             win.put(x, [[2]] + [[(i + 1) % 4] for i in range(1, 4)])
         with pytest.raises(ValueError, match="dst_weights has rank 9"):
             win.accumulate(x, {9: 1.0})
-        with pytest.raises(ValueError, match=r"src_weights names rank\(s\) \[2\] that have no slot at rank 0"):
+        with pytest.raises(
+            ValueError, match=r"src_weights names rank\(s\) \[2\] that have no slot at rank 0"
+        ):
             win.get([{2: 1.0}, {}, {}, {}])
         with pytest.raises(ValueError, match="self_weight is required"):
             win.update(src_weights={})
@@ -342,7 +361,9 @@ def test_window_validation_errors() -> None:
             win.put(x, step=-1)
         # Nothing moved: the failed calls left the slots as the successful accumulate made them.
         E = adjacency(topo)
-        out = win.update(self_weight=0.0, src_weights=[{j: 1.0 for j in topo.in_neighbors(i)} for i in range(4)])
+        out = win.update(
+            self_weight=0.0, src_weights=[{j: 1.0 for j in topo.in_neighbors(i)} for i in range(4)]
+        )
         torch.testing.assert_close(out, dense(E, x), **EXACT)
         win.free()
         with pytest.raises(RuntimeError, match=r"Window\.update: the window was freed"):
@@ -395,7 +416,12 @@ def test_push_diging_matches_reference_and_reaches_exact_optimum(kind: str, n: i
         opt = bf.optim.push_diging(lr, topo)
         state = opt.init(x0)
         x = x0
-        u, w, z, prev = x0.clone(), torch.ones(n, dtype=F64), torch.zeros_like(x0), torch.zeros_like(x0)
+        u, w, z, prev = (
+            x0.clone(),
+            torch.ones(n, dtype=F64),
+            torch.zeros_like(x0),
+            torch.zeros_like(x0),
+        )
         for k in range(15):
             grad = x - target
             x, state = opt.step(x, grad, state, k)
@@ -403,7 +429,9 @@ def test_push_diging_matches_reference_and_reaches_exact_optimum(kind: str, n: i
             A = _shares(topo.at(k))
             u, w, z, prev = A @ (u - lr * y), A @ w, A @ y, grad
             torch.testing.assert_close(x, u / w[:, None], **EXACT)
-            torch.testing.assert_close(state.weight.sum(), torch.tensor(float(n), dtype=F64), **EXACT)
+            torch.testing.assert_close(
+                state.weight.sum(), torch.tensor(float(n), dtype=F64), **EXACT
+            )
             # Tracking: the trackers' sum is the sum of the latest gradients.
             torch.testing.assert_close(state.tracker.sum(0), grad.sum(0), atol=1e-12, rtol=1e-12)
         for k in range(15, 500):
@@ -421,3 +449,164 @@ def test_push_diging_validation() -> None:
     with pytest.raises(ValueError, match="push_diging: grads must have the structure"):
         opt.step(x, {"b": torch.ones(2)}, state, 0)
     state.window.free()
+
+
+# ---------------------------------------------------------------------------------------------
+# async handles, integer leaves, mutex, context manager, timeline
+
+
+@pytest.mark.parametrize("name", sorted(TOPOLOGIES))
+def test_window_async_ops_equal_dense_reference(name: str) -> None:
+    topo = TOPOLOGIES[name]()
+    n = topo.size
+    x, y = data(n, seed=7), data(n, seed=8)
+    saved = copy.deepcopy(y)
+    W, E = topo.mixing_matrix(), adjacency(topo)
+    ones = [{j: 1.0 for j in topo.in_neighbors(i)} for i in range(n)]
+    with bf.simulate(n), bf.Window(x, topo) as win:
+        handles = [
+            win.put_async(y),
+            win.accumulate_async(y),
+            win.accumulate_async(y, [{d: 2.0 for d in topo.out_neighbors(i)} for i in range(n)]),
+        ]
+        y["w"].add_(100.0)  # the tree was copied at the call
+        assert all(h.done() for h in handles) and [h.wait() for h in handles] == [None] * 3
+        out = win.update(self_weight=1.0, src_weights=ones, reset=True)
+        torch.testing.assert_close(out["w"], x["w"] + 4.0 * dense(E, saved["w"]), **EXACT)
+        h = win.get_async()
+        h.wait()
+        fetched = win.update(self_weight=0.0, src_weights=ones)
+    assert win._freed
+    torch.testing.assert_close(fetched["w"], dense(E, out["w"]), **EXACT)
+    torch.testing.assert_close(fetched["b"], dense(E, out["b"]).float(), atol=1e-6, rtol=1e-6)
+    del W
+
+
+def test_window_integer_leaves_put_get_accumulate_exact() -> None:
+    topo = chord(5)
+    n = 5
+    big = 2**60  # beyond float64's exact integers: arithmetic must stay in int64
+    x = {
+        "i": torch.arange(n * 3, dtype=torch.int64).view(n, 3) + big,
+        "c": torch.arange(n * 2, dtype=torch.int8).view(n, 2),
+    }
+    E = adjacency(topo).to(torch.int64)
+    ones = [{j: 1 for j in topo.in_neighbors(i)} for i in range(n)]
+    with bf.simulate(n), bf.Window(x, topo) as win:
+        win.put(x)
+        got = win.update(self_weight=0, src_weights=ones)
+        assert got["i"].dtype == torch.int64 and got["c"].dtype == torch.int8
+        assert torch.equal(got["i"], E @ x["i"]) and torch.equal(
+            got["c"], (E @ x["c"].long()).to(torch.int8)
+        )
+        win.accumulate(x, [{d: 3 for d in topo.out_neighbors(i)} for i in range(n)])
+        win.accumulate(x)
+        summed = win.collect()
+        assert torch.equal(summed["i"], got["i"] + E @ x["i"] * 4 + E @ x["i"])
+        win.get([{j: 2 for j in topo.in_neighbors(i)} for i in range(n)])
+        fetched = win.update(self_weight=0, src_weights=ones)
+        assert torch.equal(fetched["i"], 2 * (E @ summed["i"]))
+        with pytest.raises(
+            ValueError,
+            match=r"integer leaves, so dst_weights must be whole numbers; got dst_weights\[1\] = 0.5",
+        ):
+            win.put(x, {1: 0.5})
+        with pytest.raises(
+            ValueError,
+            match=r"integer leaves, so src_weights \(the topology's weights\) must be whole",
+        ):
+            win.update()  # chord's default weights are fractions
+        with pytest.raises(ValueError, match=r"self_weight must be whole numbers"):
+            win.update(self_weight=0.5, src_weights=ones)
+        after = win.update(self_weight=1, src_weights=ones)
+        assert torch.equal(after["i"], fetched["i"] + 2 * (E @ summed["i"])), (
+            "failed calls changed nothing"
+        )
+
+
+def test_window_rejects_bool_and_complex_leaves() -> None:
+    with bf.simulate(2):
+        for dtype in (torch.bool, torch.complex64):
+            with pytest.raises(
+                TypeError, match=rf"Window: tree leaf .* has dtype {dtype}; a window holds"
+            ):
+                bf.Window(torch.zeros(2, 1, dtype=dtype), T.ring(2))
+
+
+def test_window_mutex_validation_and_reentrance() -> None:
+    topo = T.ring(4)
+    with bf.simulate(4), bf.Window(torch.zeros(4, 2), topo) as win:
+        with win.mutex([2, 0]), win.mutex(1):
+            win.put(torch.ones(4, 2))
+        with win.mutex():  # default: each agent's out-neighbours
+            pass
+        with (
+            pytest.raises(RuntimeError, match=r"already holds the mutex of rank\(s\) \[2\]"),
+            win.mutex([2]),
+            win.mutex([3, 2]),
+        ):
+            pass
+        with (
+            win.mutex([2]),  # released after the failure above
+            pytest.raises(
+                RuntimeError,
+                match=r"Window.free: called while holding the mutex of rank\(s\) \[2\]",
+            ),
+        ):
+            win.free()
+        with pytest.raises(
+            ValueError, match=r"Window.mutex: ranks has rank 4 but the world has 4 ranks"
+        ):
+            win.mutex([4]).__enter__()
+        with pytest.raises(ValueError, match=r"must not repeat a rank, got \[1, 1\]"):
+            win.mutex([1, 1]).__enter__()
+        with pytest.raises(TypeError, match=r"ranks must be int ranks, got str '1'"):
+            win.mutex(["1"]).__enter__()  # type: ignore[list-item]
+        assert not win._held
+
+
+def test_window_context_manager_frees_on_error_and_reraises() -> None:
+    with bf.simulate(3):
+        with pytest.raises(KeyError, match="boom"), bf.Window(torch.zeros(3, 1), T.ring(3)) as win:
+            raise KeyError("boom")
+        with pytest.raises(RuntimeError, match=r"Window\.put: the window was freed"):
+            win.put(torch.zeros(3, 1))
+        with bf.Window(torch.zeros(3, 1), T.ring(3)) as win2:
+            win2.free()  # freeing inside the block is allowed; leaving it does nothing more
+    with bf.Window(torch.zeros(1), T.ring(bf.size())) as win3:
+        win3.accumulate_async(torch.ones(1)).wait()
+    with pytest.raises(RuntimeError, match="freed"):
+        win3.update()
+
+
+def test_window_ops_record_timeline_events(tmp_path: Any) -> None:
+    import json
+
+    from bluefog_fn.timeline import Timeline
+    from bluefog_fn.world import current
+
+    world = current()
+    saved, world.timeline = world.timeline, Timeline(str(tmp_path / "tl"), 0)
+    try:
+        with bf.Window(torch.zeros(2), T.ring(bf.size())) as win:
+            win.put(torch.ones(2))
+            win.accumulate_async(torch.ones(2)).wait()
+            win.get_async().wait()
+            with win.mutex([0]):
+                win.collect()
+        assert world.timeline is not None
+        world.timeline.close()
+        with open(world.timeline.path) as f:
+            names = [e["name"] for e in json.load(f)["traceEvents"]]
+    finally:
+        world.timeline = saved
+    for expected in (
+        "Window.create",
+        "Window.put",
+        "Window.accumulate_async",
+        "Window.get_async",
+        "Window.mutex_acquire",
+        "Window.update",
+        "Window.free",
+    ):
+        assert expected in names, (expected, names)

@@ -683,7 +683,7 @@ class Window:
         world = self._check_open(fn)
         resolved = self._mutex_ranks(fn, ranks)
         wanted = {(a, r) for a, rs in resolved for r in rs}
-        again = sorted(r for _, r in wanted & self._held)
+        again = sorted({r for _, r in wanted & self._held})
         if again:
             raise RuntimeError(
                 f"{fn}: this rank already holds the mutex of rank(s) {again}; mutexes are not re-entrant"
