@@ -138,8 +138,8 @@ def push_sum(
     ``z`` are the parameters the caller sees and takes gradients at; ``u`` and ``w`` (with
     ``u^0 = z^0``, ``w^0 = 1``) live in the state.  Each step accumulates the shares
     ``a_ji·(u', w)`` into the out-neighbours' slots of a :class:`bluefog_fn.Window`
-    (``MPI_Accumulate``) and collects its own slots with ``update(reset=True)`` under an
-    exclusive lock, so mass is never lost: ``Σ_i w_i = n`` and, without gradients,
+    (``MPI_Accumulate``) and collects its own slots with ``update(reset=True)``, a read-and-reset
+    atomic per element, so mass is never lost: ``Σ_i w_i = n`` and, without gradients,
     ``Σ_i u_i = Σ_i u_i^0`` after every step (to rounding).  With zero gradients ``z_i``
     converges geometrically to the exact average ``(1/n) Σ_i z_i^0`` on any strongly connected
     (possibly directed, time-varying) graph; with diminishing step sizes and convex ``f_i`` to
