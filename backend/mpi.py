@@ -449,7 +449,12 @@ class MpiWindow:
                         f"{self.timeout:g} s; the ranks are out of step (a rank failed or skipped a window "
                         "call) or a peer died (BLUEFOG_FN_TIMEOUT sets the limit)"
                     )
-            MPI.Request.Waitall(sends)  # one-byte sends: done once the peers' receives matched
+            # One-byte sends: done once the peers' receives matched (they all have by now).
+            while not MPI.Request.Testall(sends):
+                if not _poll(self.timeout, deadline):
+                    raise CommTimeoutError(
+                        f"{what}: token sends to rank(s) {peers} did not complete within {self.timeout:g} s"
+                    )
 
     def _fetch_add(self, rank: int, value: int, what: str) -> int:
         mwin = self.mutex_win
