@@ -19,3 +19,18 @@ class MismatchError(CommError, ValueError):
 
     Raised identically on every rank that took part in the agreement, before any data moved.
     """
+
+
+class CallMismatchError(MismatchError):
+    """A peer's message belongs to another call than the one this rank is making.
+
+    ``peer`` sent it during its call number ``peer_call`` (``None`` when the peer only reported
+    that it found a mismatch with this rank); this rank is at call ``call``.  Call numbers count
+    the communicating calls of each rank from 1 (modulo the tag space; see ``backend/mpi.py``).
+    """
+
+    def __init__(self, message: str, *, peer: int, peer_call: int | None, call: int | None) -> None:
+        super().__init__(message)
+        self.peer = peer
+        self.peer_call = peer_call
+        self.call = call

@@ -91,11 +91,16 @@ class LocalTransport:
     size = 1
     timeout = 0.0
 
+    def begin_call(self, call: int, floor: int) -> None:
+        return None
+
     def exchange(
         self,
         sends: Sequence[tuple[int, np.ndarray]],
         recvs: Sequence[tuple[int, np.ndarray]],
         tag: int,
+        *,
+        call: int | None = None,
     ) -> _Done:
         # A plan in a world of one has no peers; anything else is a planner bug worth surfacing.
         if sends or recvs:

@@ -12,7 +12,7 @@ import os
 import pickle
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, cast
 
 import mpi4py
@@ -27,7 +27,7 @@ if "mpi4py.MPI" not in sys.modules:
 
 from mpi4py import MPI
 
-from .errors import CommError, CommTimeoutError, MismatchError
+from .errors import CallMismatchError, CommError, CommTimeoutError, MismatchError
 from .watchdog import Watchdog
 
 # Waits poll MPI: busy for the first _SPIN_SECONDS (latency), then yielding the core between polls
@@ -37,15 +37,22 @@ _SPIN_SECONDS = 1e-3
 _YIELD_SECONDS = 5e-2
 
 
+# While idle, a waiting rank looks for peers' messages that prove a divergence (a stale message,
+# a mismatch notice) at most this often.
+_PROBE_SECONDS = 1e-3
+
+
 class _Backoff:
     """Paces a polling loop and enforces the deadline."""
 
-    __slots__ = ("start", "timeout", "what")
+    __slots__ = ("next_probe", "probe", "start", "timeout", "what")
 
-    def __init__(self, timeout: float, what: str) -> None:
+    def __init__(self, timeout: float, what: str, probe: Callable[[], None] | None = None) -> None:
         self.start = time.perf_counter()
         self.timeout = timeout
         self.what = what
+        self.probe = probe
+        self.next_probe = _SPIN_SECONDS
 
     def idle(self, pending: list[MPI.Request], peers: Sequence[int]) -> None:
         """Called when a poll found nothing new; raises once the deadline passed."""
@@ -60,18 +67,134 @@ class _Backoff:
                 f"{self.what}: no answer from rank(s) {missing} after {self.timeout:g} s; a peer "
                 "died or the ranks are calling different ops (BLUEFOG_FN_TIMEOUT sets the limit)"
             )
+        if self.probe is not None and waited > self.next_probe:
+            self.next_probe = waited + _PROBE_SECONDS
+            self.probe()
         if waited > _YIELD_SECONDS:
             time.sleep(1e-4)
         elif waited > _SPIN_SECONDS:
             os.sched_yield()
 
 
-def _wait_all(requests: list[MPI.Request], timeout: float, what: str, peers: Sequence[int]) -> None:
+def _wait_all(
+    requests: list[MPI.Request], timeout: float, what: str, peers: Sequence[int],
+    probe: Callable[[], None] | None = None,
+) -> None:
     if not requests:
         return
-    backoff = _Backoff(timeout, what)
+    backoff = _Backoff(timeout, what, probe)
     while not MPI.Request.Testall(requests):
         backoff.idle(requests, peers)
+
+
+class CallWire:
+    """How a point-to-point message's MPI tag names its call, and the checks built on it.
+
+    A data message's tag is ``kind << call_bits | code``: ``kind`` (>= 1) is derived from the
+    plan's tag (op, tree signature, graph), ``code`` from the sender's call number (1, 2, ...
+    cycling through ``[1, 2**call_bits)``; 0 means "not numbered").  Tags below
+    ``2**call_bits`` (kind 0) are *mismatch notices*: zero-byte messages a rank sends to a peer
+    whose message it found wrong, with its own call code, so that both sides raise.
+
+    The receiver of a data message compares the whole tag with the one it expects; a notice, a
+    message from another call, or a *stale* message (one waiting in the queue from a call older
+    than every call this rank can still receive for) raises :class:`CallMismatchError` on this
+    rank and sends the peer a notice.  With MPICH's tag bound (2**29 - 1) calls are numbered
+    modulo 65535 and kinds modulo 8191; MPI's guaranteed minimum (32767) still leaves 7 bits each.
+    """
+
+    def __init__(self, comm: MPI.Comm, tag_ub: int) -> None:
+        self.comm = comm
+        bits = max(15, int(tag_ub).bit_length())
+        self.call_bits = min(16, bits - 8)
+        self.calls = (1 << self.call_bits) - 1  # codes 1..calls
+        self.kinds = int(tag_ub) >> self.call_bits  # kinds 1..kinds
+        self.call: int | None = None  # the call this rank is making
+        self.floor: int | None = None  # every call below it has posted all its receives
+        self.open_code = 0  # ``floor`` as a code, for probes (0: unknown, nothing is stale)
+        self._status = MPI.Status()
+
+    def begin(self, call: int, floor: int) -> None:
+        """This rank starts call ``call``; calls below ``floor`` have posted all their receives.
+
+        A message queued for this rank from a call below ``floor`` can never be received.
+        """
+        self.call, self.floor = call, floor
+        self.open_code = self.code(floor)
+        self.probe(call)
+
+    def posted(self, call: int | None) -> None:
+        """``call`` posted its receives: from now on its own messages cannot be queued either."""
+        if call is not None and call == self.call and self.floor == call:
+            self.open_code = self.code(call + 1)
+
+    def code(self, call: int | None) -> int:
+        return 0 if call is None else (call - 1) % self.calls + 1
+
+    def tag(self, plan_tag: int, call: int | None) -> int:
+        return ((plan_tag % self.kinds) + 1) << self.call_bits | self.code(call)
+
+    def split(self, wire: int) -> tuple[int, int]:
+        """``(kind, code)`` of a received tag."""
+        return wire >> self.call_bits, wire & self.calls
+
+    def offset(self, code: int, reference: int) -> int:
+        """How many calls ``code`` is ahead of ``reference`` (negative: behind)."""
+        d = (code - reference) % self.calls
+        return d - self.calls if d > self.calls // 2 else d
+
+    def notify(self, peer: int, call: int | None) -> None:
+        """Tell ``peer`` (best effort, never blocking) that its messages do not match ours."""
+        with contextlib.suppress(MPI.Exception):
+            req = self.comm.Isend([np.zeros(0, np.uint8), MPI.BYTE], dest=peer, tag=self.code(call))
+            if not req.Test():
+                req.Free()  # a zero-byte send completes eagerly; never wait on a peer here
+
+    def mismatch(self, peer: int, wire: int, expected: int | None, call: int | None) -> CallMismatchError:
+        """The error for a message from ``peer`` with tag ``wire`` (``expected``: the tag this
+        rank was waiting for, None when it was found queued); notifies the peer."""
+        kind, code = self.split(wire)
+        me = self.comm.Get_rank()
+        if kind == 0:
+            peer_call = None if call is None or code == 0 else call + self.offset(code, self.code(call))
+            return CallMismatchError(
+                f"rank {peer} found that rank {me}'s messages do not match its call"
+                + (f" #{peer_call}" if peer_call is not None else "")
+                + f" (rank {me} is at call #{call}); rank {peer}'s error has the details",
+                peer=peer, peer_call=peer_call, call=call,
+            )
+        self.notify(peer, call)
+        peer_call = None if call is None or code == 0 else call + self.offset(code, self.code(call))
+        if expected is None:
+            return CallMismatchError(
+                f"rank {peer} sent rank {me} a message of its call #{peer_call} that rank {me} never "
+                f"received in that call (rank {me} is now at call #{call}): the ranks' graphs for "
+                "that call disagree",
+                peer=peer, peer_call=peer_call, call=call,
+            )
+        if code != (expected & self.calls):
+            return CallMismatchError(
+                f"rank {peer} is at its call #{peer_call} but rank {me} is at call #{call}",
+                peer=peer, peer_call=peer_call, call=call,
+            )
+        return CallMismatchError(
+            f"rank {peer} sent a message for a different op, tree or graph in the same call "
+            f"#{call} (tag kind {kind}, expected {expected >> self.call_bits})",
+            peer=peer, peer_call=call, call=call,
+        )
+
+    def probe(self, call: int | None = None) -> None:
+        """Raise if a notice or a stale message waits for this rank (one ``Iprobe``)."""
+        status = self._status
+        if not self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=status):
+            return
+        wire, peer = status.Get_tag(), status.Get_source()
+        kind, code = self.split(wire)
+        if kind == 0:
+            self.comm.Recv([np.zeros(0, np.uint8), MPI.BYTE], source=peer, tag=wire)
+            raise self.mismatch(peer, wire, None, call)
+        if code and self.open_code and self.offset(code, self.open_code) < 0:
+            raise self.mismatch(peer, wire, None, call)
 
 
 class _Exchange:
@@ -86,6 +209,8 @@ class _Exchange:
         dests: list[int],
         tag: int,
         timeout: float,
+        wire: CallWire,
+        call: int | None,
     ) -> None:
         self._recv_reqs = recv_reqs
         self._sources = sources
@@ -94,12 +219,17 @@ class _Exchange:
         self._dests = dests
         self._tag = tag
         self._timeout = timeout
+        self._wire = wire
+        self._call = call
         self._finished = False
 
     def done(self) -> bool:
         if self._finished:
             return True
         return bool(MPI.Request.Testall(self._recv_reqs + self._send_reqs))
+
+    def _probe(self) -> None:
+        self._wire.probe(self._call)
 
     def completed(self) -> Iterator[int]:
         """Yield the index of each receive as it lands (checked), then finish the sends."""
@@ -118,14 +248,14 @@ class _Exchange:
                 ) from exc
             if not indices:
                 if backoff is None:  # started lazily: most small exchanges complete at once
-                    backoff = _Backoff(self._timeout, "neighbor exchange")
+                    backoff = _Backoff(self._timeout, "neighbor exchange", self._probe)
                 backoff.idle(self._recv_reqs, self._sources)
                 continue
             for k, i in enumerate(indices):
                 self._check(i, statuses[k])
                 remaining -= 1
                 yield i
-        _wait_all(self._send_reqs, self._timeout, "neighbor exchange", self._dests)
+        _wait_all(self._send_reqs, self._timeout, "neighbor exchange", self._dests, self._probe)
         self._finished = True
 
     def wait(self) -> None:
@@ -135,11 +265,8 @@ class _Exchange:
     def _check(self, i: int, status: MPI.Status) -> None:
         peer, buf = self._sources[i], self._recv_bufs[i]
         if status.Get_tag() != self._tag:
-            raise MismatchError(
-                f"neighbor exchange: rank {peer} sent a message for a different call "
-                f"(tag {status.Get_tag()}, expected {self._tag}); ranks are calling different "
-                "ops, trees, steps or topologies"
-            )
+            self._cancel()
+            raise self._wire.mismatch(peer, status.Get_tag(), self._tag, self._call)
         got = status.Get_count(MPI.BYTE)
         if got != buf.nbytes:
             raise MismatchError(
@@ -147,14 +274,22 @@ class _Exchange:
                 "expected; ranks are calling with different tree shapes or dtypes"
             )
 
+    def _cancel(self) -> None:
+        """Give up the receives still pending (the call failed; their data is meaningless)."""
+        for r in self._recv_reqs:
+            if r != MPI.REQUEST_NULL:
+                with contextlib.suppress(MPI.Exception):
+                    r.Cancel()
+
 
 class _Collective:
     """One non-blocking collective in flight."""
 
-    def __init__(self, request: MPI.Request, what: str, timeout: float) -> None:
+    def __init__(self, request: MPI.Request, what: str, timeout: float, probe: Callable[[], None] | None = None) -> None:
         self._request = request
         self._what = what
         self._timeout = timeout
+        self._probe = probe
         self._finished = False
 
     def done(self) -> bool:
@@ -163,7 +298,7 @@ class _Collective:
     def wait(self) -> None:
         if self._finished:
             return
-        _wait_all([self._request], self._timeout, self._what, [-1])
+        _wait_all([self._request], self._timeout, self._what, [-1], self._probe)
         self._finished = True
 
 
@@ -175,6 +310,8 @@ class MpiTransport:
         self.rank: int = self.comm.Get_rank()
         self.size: int = self.comm.Get_size()
         self.timeout = timeout
+        tag_ub = self.comm.Get_attr(MPI.TAG_UB)
+        self.wire = CallWire(self.comm, int(tag_ub) if tag_ub else 32767)
 
     def free(self) -> None:
         """Release the private communicator."""
@@ -186,23 +323,39 @@ class MpiTransport:
         sends: Sequence[tuple[int, np.ndarray]],
         recvs: Sequence[tuple[int, np.ndarray]],
         tag: int,
+        *,
+        call: int | None = None,
     ) -> _Exchange:
+        wire = self.wire
+        wire_tag = wire.tag(tag, call)
         # Receives first, so eager sends from fast peers land directly in their final buffer.
         # ANY_TAG: a message meant for another call is received and reported, not left to hang.
         recv_reqs = [self.comm.Irecv([buf, MPI.BYTE], source=src, tag=MPI.ANY_TAG) for src, buf in recvs]
-        send_reqs = [self.comm.Isend([buf, MPI.BYTE], dest=dst, tag=tag) for dst, buf in sends]
+        send_reqs = [self.comm.Isend([buf, MPI.BYTE], dest=dst, tag=wire_tag) for dst, buf in sends]
+        wire.posted(call)
         return _Exchange(
-            recv_reqs, [s for s, _ in recvs], [b for _, b in recvs], send_reqs, [d for d, _ in sends], tag, self.timeout
+            recv_reqs, [s for s, _ in recvs], [b for _, b in recvs], send_reqs, [d for d, _ in sends],
+            wire_tag, self.timeout, wire, call,
         )
 
+    def begin_call(self, call: int, floor: int) -> None:
+        """Numbered call ``call`` starts; calls below ``floor`` have posted all their receives.
+        Raises ``CallMismatchError`` if a peer already proved that the ranks diverged."""
+        self.wire.begin(call, floor)
+
+    def _probe(self) -> None:
+        self.wire.probe(self.wire.call)
+
+    def _collective(self, request: MPI.Request, what: str) -> _Collective:
+        self.wire.posted(self.wire.call)
+        return _Collective(request, what, self.timeout, self._probe)
+
     def allreduce_sum(self, buf: np.ndarray) -> _Collective:
-        req = self.comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
-        return _Collective(req, "global reduction", self.timeout)
+        return self._collective(self.comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM), "global reduction")
 
     def bcast(self, buf: np.ndarray, root: int) -> _Collective:
         # Broadcast moves bytes, so any dtype (half types included) travels unchanged.
-        req = self.comm.Ibcast([buf, MPI.BYTE], root=root)
-        return _Collective(req, "broadcast", self.timeout)
+        return self._collective(self.comm.Ibcast([buf, MPI.BYTE], root=root), "broadcast")
 
     def allgatherv(self, send: np.ndarray, recv: np.ndarray, counts: Sequence[int]) -> _Collective:
         itemsize = send.dtype.itemsize
@@ -211,23 +364,24 @@ class MpiTransport:
         req = self.comm.Iallgatherv(
             [send.view(np.uint8), MPI.BYTE], [recv.view(np.uint8), (byte_counts, displs), MPI.BYTE]
         )
-        return _Collective(req, "allgather", self.timeout)
+        return self._collective(req, "allgather")
 
     def barrier(self) -> _Collective:
-        return _Collective(self.comm.Ibarrier(), "barrier", self.timeout)
+        return self._collective(self.comm.Ibarrier(), "barrier")
 
     def allgather_object(self, obj: Any) -> list[Any]:
         # Small pickled payloads only (agreement digests); bounded by the same deadline as data.
         payload = np.frombuffer(pickle.dumps(obj), dtype=np.uint8)
         sizes = np.zeros(self.size, dtype=np.int64)
         mine = np.array([payload.size], dtype=np.int64)
-        _Collective(self.comm.Iallgather(mine, sizes), "agreement", self.timeout).wait()
+        _Collective(self.comm.Iallgather(mine, sizes), "agreement", self.timeout, self._probe).wait()
         recv = np.empty(int(sizes.sum()), dtype=np.uint8)
         displs = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist()
         _Collective(
             self.comm.Iallgatherv([payload, MPI.BYTE], [recv, (sizes.tolist(), displs), MPI.BYTE]),
             "agreement",
             self.timeout,
+            self._probe,
         ).wait()
         out = []
         for r in range(self.size):

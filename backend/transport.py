@@ -121,12 +121,21 @@ class Transport(Protocol):
         sends: Sequence[tuple[int, np.ndarray]],
         recvs: Sequence[tuple[int, np.ndarray]],
         tag: int,
+        *,
+        call: int | None = None,
     ) -> ExchangePending:
         """Post every receive, then every send; ``recvs`` are filled in place.
 
-        Each received message must carry ``tag`` and fill its buffer exactly, otherwise ``wait``
-        raises ``MismatchError`` naming the peer.
+        Each received message must carry ``tag`` and ``call`` (the caller's number for this
+        call, equal on every rank; ``None``: unnumbered) and fill its buffer exactly, otherwise
+        ``wait`` raises ``MismatchError`` naming the peer.
         """
+        ...
+
+    def begin_call(self, call: int, floor: int) -> None:
+        """This rank starts its numbered call ``call`` (every rank numbers its calls alike);
+        calls below ``floor`` have posted all their receives, so a peer's message queued for
+        one of them proves the ranks diverged: raise ``MismatchError`` naming the peer."""
         ...
 
     def allreduce_sum(self, buf: np.ndarray) -> Pending:

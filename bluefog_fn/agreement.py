@@ -1,17 +1,23 @@
 """First-call agreement: ranks check that they are making the same call before any data moves.
 
-Runs once per call pattern (see :class:`~bluefog_fn.plan_cache.AgreedSet`), and on every call
-whose graph is given per call (``dst_weights``), since no rank can know whether the others' graph
-is new: every rank publishes a small description of its call, every rank checks all of them
-with the same code, so a mismatch raises the same :class:`~bluefog_fn.MismatchError` everywhere
-instead of a deadlock.
+Runs once per call pattern (see :class:`~bluefog_fn.plan_cache.AgreedSet`): every rank publishes
+a small description of its call, every rank checks all of them with the same code, so a mismatch
+raises the same :class:`~bluefog_fn.MismatchError` everywhere instead of a deadlock.
+
+After a pattern is agreed, calls are checked by their peers only: :func:`agree` numbers every
+call (:class:`~bluefog_fn.call_order.CallOrder`), the number travels with each message, and a
+receiver that sees another call's number raises (see ``backend/mpi.py``, ``CallWire``).  So a
+per-call graph (``dst_weights``) costs no collective either: a pattern with a per-call graph is
+agreed once per tree signature, and a graph the peers do not share shows up as a message of the
+wrong call (or a message nobody received) within one call.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from .backend.errors import MismatchError
+from .backend.errors import CallMismatchError, MismatchError
+from .call_order import explain
 from .plan import CommPlan
 from .world import World
 
@@ -32,13 +38,28 @@ def agreement_key(plan: CommPlan, per_call_graph: bool) -> Any:
     return (plan.op, plan.signature, plan.topology, plan.step, plan.root)
 
 
-def agree(world: World, fn: str, plan: CommPlan, *, per_call_graph: bool = False, dim0_free: bool = False) -> None:
-    """Check that every rank calls ``fn`` compatibly with ``plan`` (once per call pattern)."""
+def agree(
+    world: World, fn: str, plan: CommPlan, *, per_call_graph: bool = False, dim0_free: bool = False,
+    step: int | None = None,
+    graph: object = None,
+) -> int | None:
+    """Check that every rank calls ``fn`` compatibly with ``plan`` (once per call pattern).
+
+    Returns the call's number (``None`` in a world of one), which its messages carry; ``step``
+    and a per-call ``graph`` only name the call in error messages.
+    ``per_call_graph``: agree on every call (windows, whose creation is rare and collective);
+    neighbour ops with ``dst_weights`` need not — their peers check each call.
+    """
     if world.size == 1 or world.transport is None:
-        return
+        return None
+    call = world.calls.begin(fn, step, graph)
+    try:
+        world.transport.begin_call(call, world.calls.floor())
+    except CallMismatchError as exc:
+        raise explain(world.calls, world.rank, fn, exc) from None
     key = agreement_key(plan, per_call_graph)
     if key is not None and key in world.agreed:
-        return
+        return call
     mine = {
         "op": plan.op,
         "leaves": _describe_leaves(plan, dim0_free),
@@ -52,6 +73,7 @@ def agree(world: World, fn: str, plan: CommPlan, *, per_call_graph: bool = False
     _check(fn, everyone)
     if key is not None:
         world.agreed.add(key)
+    return call
 
 
 def _check(fn: str, everyone: list[dict[str, Any]]) -> None:

@@ -9,15 +9,17 @@ are views into it.  CUDA leaves go through reusable pinned host buffers on the w
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from .backend.buffers import BufferPool, PinnedStaging, host_array
+from .backend.errors import CallMismatchError
 from .backend.kernels import combine, combine_arrays, uses_numba
 from .backend.transport import ExchangePending, Transport
+from .call_order import CallOrder, explain
 from .plan import BufferGroup, CommPlan, Layout
 
 
@@ -82,8 +84,19 @@ class Exchange:
     tensor slicing and conversions cost microseconds each.
     """
 
-    def __init__(self, transport: Transport, res: Resources, plan: CommPlan, tensors: Sequence[torch.Tensor]) -> None:
+    def __init__(
+        self,
+        transport: Transport,
+        res: Resources,
+        plan: CommPlan,
+        tensors: Sequence[torch.Tensor],
+        *,
+        call: int | None = None,
+        calls: CallOrder | None = None,
+    ) -> None:
         self.plan = plan
+        self.call = call
+        self.calls = calls
         self.res = res
         self.device = tensors[0].device if tensors else torch.device("cpu")
         self.x: list[list[torch.Tensor]] = []  # per group, per segment
@@ -123,7 +136,19 @@ class Exchange:
                     keep.append(scaled)
                     sends.append((dst, host_array(scaled)))
         self._keep = keep
-        self.pending: ExchangePending = transport.exchange(sends, recvs, plan.tag)
+        self.pending: ExchangePending = transport.exchange(sends, recvs, plan.tag, call=call)
+
+    def _completed(self) -> Iterator[int]:
+        try:
+            yield from self.pending.completed()
+        except CallMismatchError as exc:
+            if self.calls is None:
+                raise
+            raise explain(self.calls, self.plan.rank, self.plan.op, exc) from None
+
+    def _wait(self) -> None:
+        for _ in self._completed():
+            pass
 
     def done(self) -> bool:
         return self.pending.done()
@@ -152,13 +177,13 @@ class Exchange:
                 combine(self.x[gi][si], self.recv[gi][:, seg.start : seg.stop], weights, self_weight, outs[gi][seg.start : seg.stop])
 
         if n_in == 0:
-            self.pending.wait()
+            self._wait()
             for gi, g in enumerate(groups):
                 for si in range(len(g.segments)):
                     combine_segment(gi, si)
         else:
             arrived: dict[tuple[int, int], int] = {}
-            for i in self.pending.completed():
+            for i in self._completed():
                 key = self.recv_segment[i]
                 count = arrived.get(key, 0) + 1
                 arrived[key] = count
@@ -178,7 +203,7 @@ class Exchange:
 
     def gathered(self) -> dict[int, list[torch.Tensor]]:
         """Wait, then return each source's leaves (views into the receive buffer)."""
-        self.pending.wait()
+        self._wait()
         self._release()
         result = {}
         for j, (src, _) in enumerate(self.plan.recvs):
@@ -217,7 +242,14 @@ class RaggedGather:
     """
 
     def __init__(
-        self, transport: Transport, res: Resources, plan: CommPlan, tensors: Sequence[torch.Tensor], layouts: Sequence[Layout]
+        self,
+        transport: Transport,
+        res: Resources,
+        plan: CommPlan,
+        tensors: Sequence[torch.Tensor],
+        layouts: Sequence[Layout],
+        *,
+        call: int | None = None,
     ) -> None:
         self.res = res
         self.layouts = layouts
@@ -248,7 +280,7 @@ class RaggedGather:
             self.bufs.append(mine)
         self.sources = [src for src, _ in plan.recvs]
         self._keep = keep
-        self.pending: ExchangePending = transport.exchange(sends, recvs, plan.tag)
+        self.pending: ExchangePending = transport.exchange(sends, recvs, plan.tag, call=call)
 
     def done(self) -> bool:
         return self.pending.done()

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from .backend.local import LocalTransport
 from .backend.transport import Transport
+from .call_order import CallOrder
 from .execute import Resources
 from .plan_cache import AgreedSet, PlanCache
 from .timeline import Timeline, from_env
@@ -44,6 +45,8 @@ class World:
     plans: PlanCache = field(default_factory=PlanCache)
     # Call patterns every rank has agreed on, so agreement runs once per pattern.
     agreed: AgreedSet = field(default_factory=AgreedSet)
+    # Numbers this rank's communicating calls; messages carry the number (see call_order.py).
+    calls: CallOrder = field(default_factory=CallOrder)
     # Op events for ``bfrun --timeline``; None (the default) costs one attribute check per op.
     timeline: Timeline | None = None
     # Inside ``bf.sim.vmap``: the stack of agent-index tensors (per-agent mode when non-empty).

@@ -65,11 +65,18 @@ class _MixRun:
     ``torch.func`` transform; then it is posted when ``forward`` sees the unwrapped tensors.
     """
 
-    def __init__(self, world: World, plan: CommPlan, tensors: Sequence[torch.Tensor], *, defer: bool) -> None:
+    def __init__(
+        self, world: World, plan: CommPlan, tensors: Sequence[torch.Tensor], *, defer: bool, call: int | None
+    ) -> None:
         assert world.transport is not None
         self.world = world
         self.plan = plan
-        self.exchange = None if defer else Exchange(world.transport, world.resources, plan, tensors)
+        self.call = call
+        self.exchange = None
+        if not defer:
+            self.exchange = Exchange(world.transport, world.resources, plan, tensors, call=call, calls=world.calls)
+        elif call is not None:
+            world.calls.defer(call)  # its messages may arrive before it posts: not stale
 
     def done(self) -> bool:
         return self.exchange is None or self.exchange.done()
@@ -77,8 +84,11 @@ class _MixRun:
     def forward(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         exchange = self.exchange
         if exchange is None:
-            assert self.world.transport is not None
-            exchange = Exchange(self.world.transport, self.world.resources, self.plan, tensors)
+            world = self.world
+            assert world.transport is not None
+            if self.call is not None:
+                world.calls.posted(self.call)
+            exchange = Exchange(world.transport, world.resources, self.plan, tensors, call=self.call, calls=world.calls)
         self.exchange = None
         return exchange.mix()
 
@@ -89,7 +99,9 @@ class _MixRun:
             torch.zeros(shape, dtype=dtype) if g is None else g
             for g, (shape, dtype) in zip(grads, self._slots(), strict=True)
         ]
-        back = _MixRun(self.world, self.plan.reversed(), full, defer=True)
+        # Every rank runs the backward exchanges in the same order: they are calls of their own.
+        call = None if self.world.size == 1 else self.world.calls.begin(f"{self.plan.op} backward", self.plan.step)
+        back = _MixRun(self.world, self.plan.reversed(), full, defer=True, call=call)
         if torch.is_grad_enabled() or _is_transformed(full):
             return tuple(_MixFunction.apply(back, *full))  # type: ignore[no-untyped-call]
         return tuple(back.forward(full))
@@ -131,11 +143,11 @@ def neighbor_mean_async(
 
         return neighbor_mean_sim(world, flat, topology, step, self_weight, src_weights, dst_weights)
     plan = trace_mix(world, fn, flat, topology, step, world.rank, self_weight, src_weights, dst_weights)
-    agree(world, fn, plan, per_call_graph=dst_weights is not None)
+    call = agree(world, fn, plan, step=step, graph=dst_weights)
     tensors = flat.tensors
     transformed = _is_transformed(tensors)
     differentiable = transformed or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-    run = _MixRun(world, plan, tensors, defer=transformed)
+    run = _MixRun(world, plan, tensors, defer=transformed, call=call)
 
     def finish() -> Any:
         outs = _MixFunction.apply(run, *tensors) if differentiable else run.forward(tensors)  # type: ignore[no-untyped-call]
@@ -205,15 +217,16 @@ def neighbor_gather_async(
     plan = trace_mix(
         world, fn, flat, topology, step, world.rank, self_weight, src_weights, dst_weights, dim0_free=True
     )
+    call = agree(world, fn, plan, dim0_free=True, step=step, graph=dst_weights)
     dims = _first_dims(flat)
-    sources = _source_dims(world, fn, plan, dims, per_call_graph=dst_weights is not None)
+    sources = _source_dims(world, fn, plan, dims)
     assert world.transport is not None
     exchange: Exchange | RaggedGather
     if sources is None:  # every source's leaves have this rank's shapes
-        exchange = Exchange(world.transport, world.resources, plan, flat.tensors)
+        exchange = Exchange(world.transport, world.resources, plan, flat.tensors, call=call, calls=world.calls)
     else:
         layouts = [build_layout(_with_first_dims(flat.metas, sources[src])) for src, _ in plan.recvs]
-        exchange = RaggedGather(world.transport, world.resources, plan, flat.tensors, layouts)
+        exchange = RaggedGather(world.transport, world.resources, plan, flat.tensors, layouts, call=call)
 
     wanted = None if src_weights is None else set(src_weights)
 
@@ -239,13 +252,12 @@ def _with_first_dims(metas: Sequence[LeafMeta], dims: Sequence[int]) -> list[Lea
     ]
 
 
-def _source_dims(
-    world: World, fn: str, plan: CommPlan, dims: tuple[int, ...], *, per_call_graph: bool
-) -> dict[int, tuple[int, ...]] | None:
+def _source_dims(world: World, fn: str, plan: CommPlan, dims: tuple[int, ...]) -> dict[int, tuple[int, ...]] | None:
     """The first dimensions of every source's leaves, or ``None`` when they are this rank's.
 
     The first call of a pattern (the plan's dim-0-free signature, graph and step) agrees as
-    usual, then allgathers every rank's first dimensions. If all ranks had the same, the pattern
+    usual (the caller's :func:`agree`), then allgathers every rank's first dimensions (a per-call
+    graph's pattern has no graph in it: it is one pattern per tree). If all ranks had the same, the pattern
     is *uniform* for those dimensions and later calls cost nothing extra; otherwise it is
     *ragged* and every later call first sends each out-neighbour this rank's first dimensions
     (one tiny message per edge), so they may change from call to call. Every rank keeps the
@@ -255,12 +267,10 @@ def _source_dims(
         return None
     ragged_key = ("neighbor_gather:ragged", plan.signature, plan.topology, plan.step)
     uniform_key = ("neighbor_gather:uniform", plan.signature, plan.topology, plan.step, dims)
-    if not per_call_graph:
-        if ragged_key in world.agreed:
-            return _exchange_dims(world, plan, dims)
-        if uniform_key in world.agreed:
-            return None
-    agree(world, fn, plan, per_call_graph=per_call_graph, dim0_free=True)
+    if ragged_key in world.agreed:
+        return _exchange_dims(world, plan, dims)
+    if uniform_key in world.agreed:
+        return None
     everyone: list[tuple[int, ...]] = world.transport.allgather_object(dims)
     for leaf, path in enumerate(_plan_paths(plan)):
         zero_d = [r for r, d in enumerate(everyone) if d[leaf] < 0]
@@ -270,11 +280,9 @@ def _source_dims(
                 "first dimensions may differ between ranks"
             )
     if all(d == everyone[0] for d in everyone):
-        if not per_call_graph:
-            world.agreed.add(uniform_key)
+        world.agreed.add(uniform_key)
         return None
-    if not per_call_graph:
-        world.agreed.add(ragged_key)
+    world.agreed.add(ragged_key)
     return {src: everyone[src] for src, _ in plan.recvs}
 
 
@@ -293,6 +301,8 @@ def _exchange_dims(world: World, plan: CommPlan, dims: tuple[int, ...]) -> dict[
     mine = np.array(dims, dtype=np.int64)
     got = {src: np.empty(len(dims), dtype=np.int64) for src, _ in plan.recvs}
     tag = make_tag(plan.signature, "first dims", plan.topology)
+    # Unnumbered: the call's numbered data exchange follows, and numbering this one would mark
+    # the call's receives posted before the data receives are.
     world.transport.exchange([(dst, mine) for dst, _ in plan.sends], list(got.items()), tag).wait()
     return {src: tuple(int(v) for v in arr) for src, arr in got.items()}
 
