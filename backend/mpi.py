@@ -374,6 +374,8 @@ class MpiTransport:
         payload = np.frombuffer(pickle.dumps(obj), dtype=np.uint8)
         sizes = np.zeros(self.size, dtype=np.int64)
         mine = np.array([payload.size], dtype=np.int64)
+        # Not ``_collective``: the call's own exchange follows its agreement, and a peer that
+        # finished the allgather first may already have sent its data (not a stale message).
         _Collective(self.comm.Iallgather(mine, sizes), "agreement", self.timeout, self._probe).wait()
         recv = np.empty(int(sizes.sum()), dtype=np.uint8)
         displs = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist()

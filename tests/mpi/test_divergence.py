@@ -4,6 +4,9 @@ Every call pattern here is agreed first (a correct call on every rank), so what 
 divergence is the call number each message carries, not the agreement collective.  Ranks pair up
 as (0, 1), (2, 3), ...: the pair (0, 1) diverges, any other pair keeps working and must be
 unaffected.  Runs under ``bfrun -np 2`` and ``-np 4``.
+
+Tree shapes here are used by no other test: an agreed pattern is remembered for the whole
+session, and a later test that expects its own first-call agreement must not find it agreed.
 """
 
 from __future__ import annotations
@@ -67,7 +70,7 @@ def check_pair_failed(error: str | None, what: str) -> None:
 
 def test_rank_running_another_step_of_a_dynamic_topology() -> None:
     topo = T.DynamicTopology([pairs_graph(0.5), pairs_graph(0.75)])
-    x = {"w": torch.full((3,), float(ME), dtype=torch.float64)}
+    x = {"w": torch.full((13,), float(ME), dtype=torch.float64)}
     for step in range(2):  # agree both patterns on every rank
         bf.neighbor_mean(x, topo, step)
 
@@ -84,7 +87,7 @@ def test_rank_running_another_step_of_a_dynamic_topology() -> None:
 
 def test_rank_skipping_a_call_then_calling_another_op() -> None:
     topo = pairs_graph(0.5)
-    x = {"w": torch.full((2,), float(ME))}
+    x = {"w": torch.full((17,), float(ME))}
     bf.neighbor_mean(x, topo)
     bf.neighbor_gather(x, topo)
 
@@ -99,7 +102,7 @@ def test_rank_skipping_a_call_then_calling_another_op() -> None:
 
 
 def test_per_call_graph_that_the_receiver_does_not_share() -> None:
-    x = torch.full((4,), float(ME))
+    x = torch.full((19,), float(ME))
     mine = {"self_weight": 0.5, "src_weights": {PARTNER: 0.5}, "dst_weights": [PARTNER]}
     bf.neighbor_mean(x, None, **mine)  # agreed once per tree signature, never again
 
@@ -117,7 +120,7 @@ def test_per_call_graph_that_the_receiver_does_not_share() -> None:
     if ME == 1:  # rank 0's message is found queued, or lands in rank 1's next receive
         assert error is not None and ("never received" in error or "rank 0 is at its call" in error)
     if ME >= 2:  # the healthy pairs computed exact averages throughout
-        assert out is not None and torch.equal(out, torch.full((4,), (ME + PARTNER) / 2))
+        assert out is not None and torch.equal(out, torch.full((19,), (ME + PARTNER) / 2))
 
 
 def test_per_call_graphs_run_no_agreement_collective_after_the_first_call() -> None:
@@ -132,13 +135,13 @@ def test_per_call_graphs_run_no_agreement_collective_after_the_first_call() -> N
 
     transport.allgather_object = counting  # type: ignore[union-attr,method-assign]
     try:
-        x = torch.full((5,), float(ME), dtype=torch.float64)
+        x = torch.full((23,), float(ME), dtype=torch.float64)
         period = max(1, (N - 1).bit_length())
         for t in range(3 * period):
             shift = 1 << (t % period)
             dst, src = (ME + shift) % N, (ME - shift) % N
             out = bf.neighbor_mean(x, None, self_weight=0.5, src_weights={src: 0.5}, dst_weights=[dst])
-            assert torch.equal(out, torch.full((5,), (ME + src) / 2, dtype=torch.float64))
+            assert torch.equal(out, torch.full((23,), (ME + src) / 2, dtype=torch.float64))
     finally:
         del transport.allgather_object  # type: ignore[union-attr]
     all_ranks_agree(len(calls) <= 1, f"agreement collectives on per-call graphs: {len(calls)}")
