@@ -347,7 +347,9 @@ class MpiTransport:
         self.wire.probe(self.wire.call)
 
     def _collective(self, request: MPI.Request, what: str) -> _Collective:
-        self.wire.posted(self.wire.call)
+        # A collective never marks its call posted: the transport cannot tell whether the call is
+        # a global op or the agreement of an exchange still to come (or deferred), so a message of
+        # the current call seen while waiting here is left for the next call's probe.
         return _Collective(request, what, self.timeout, self._probe)
 
     def allreduce_sum(self, buf: np.ndarray) -> _Collective:
@@ -374,9 +376,7 @@ class MpiTransport:
         payload = np.frombuffer(pickle.dumps(obj), dtype=np.uint8)
         sizes = np.zeros(self.size, dtype=np.int64)
         mine = np.array([payload.size], dtype=np.int64)
-        # Not ``_collective``: the call's own exchange follows its agreement, and a peer that
-        # finished the allgather first may already have sent its data (not a stale message).
-        _Collective(self.comm.Iallgather(mine, sizes), "agreement", self.timeout, self._probe).wait()
+        self._collective(self.comm.Iallgather(mine, sizes), "agreement").wait()
         recv = np.empty(int(sizes.sum()), dtype=np.uint8)
         displs = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist()
         _Collective(
