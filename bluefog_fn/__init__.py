@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from . import optim, sim, topology
+from . import checkpoint, optim, sim, topology
 from .backend.errors import CommError, CommTimeoutError, MismatchError
 from .hierarchy import StagedPlan
 from .inspect import plan_cache_clear, plan_cache_info, trace
@@ -69,6 +69,7 @@ __all__ = [
     "broadcast",
     "broadcast_async",
     "broadcast_parameters",
+    "checkpoint",
     "global_mean",
     "global_mean_async",
     "global_sum",

@@ -39,7 +39,7 @@ import contextlib
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -612,6 +612,9 @@ class Window:
         """
         fn = "Window.collect"
         self._check_open(fn)
+        step = check_step(fn, step)
+        if tree is not None:
+            self._flat(fn, tree)  # errors name collect, not the update it delegates to
         if self._sim is not None:
             n = self._world.size
             src_all: Any = [{j: 1.0 for j in self._nb.ins[r]} for r in range(n)]
@@ -701,6 +704,83 @@ class Window:
             if handle is not None and not self._freed:
                 handle.mutex_release(mine, f"{fn} (ranks {list(mine)})")
 
+    def snapshot(self) -> WindowSnapshot:
+        """The window's numbers: own value and every slot, in-flight mass included (collective).
+
+        Every rank calls it at the same point.  Each rank first completes its own async
+        operations and meets the others at a barrier, so every operation a rank started
+        before the call has landed; then it reads its memory; then a second barrier keeps a
+        fast rank from writing into a slot whose owner has not read it yet.
+        :func:`bluefog_fn.checkpoint.save` calls it for every window in the saved tree.
+
+        Returns:
+            A :class:`WindowSnapshot` of plain tensors, for :meth:`restore`.
+        """
+        fn = "Window.snapshot"
+        world = self._check_open(fn)
+        if self._sim is not None:
+            return self._sim.snapshot(self._signature())
+        handle = self._handle
+        assert handle is not None
+        me = world.rank
+        k = len(self._nb.ins[me])
+        with _timed(world, fn):
+            self._settle()
+            handle.barrier(f"{fn} (before reading)")
+            regions = [self._empty() for _ in range(1 + k)]
+            for p in [handle.get(me, self._pieces(r, bufs), fn) for r, bufs in enumerate(regions)]:
+                p.wait()
+            handle.barrier(f"{fn} (after reading)")
+        slots = tuple(
+            torch.stack([regions[r][gi] for r in range(1, 1 + k)])
+            if k
+            else torch.zeros(0, g.numel, dtype=_storage(g.dtype))
+            for gi, g in enumerate(self._layout.groups)
+        )
+        return WindowSnapshot(tuple(regions[0]), slots, me, world.size, self._signature())
+
+    def restore(self, snapshot: WindowSnapshot) -> None:
+        """Overwrite the own value and every slot with a :meth:`snapshot`'s (collective).
+
+        The window must be over the same tree layout and in-neighbour slots, in a world of the
+        same size (and, on MPI, on the rank that took the snapshot).  A barrier at the end keeps
+        every rank from writing into a neighbour before that neighbour restored, so no mass is
+        overwritten.  :func:`bluefog_fn.checkpoint.load` with ``like=`` calls it.
+        """
+        fn = "Window.restore"
+        world = self._check_open(fn)
+        if not isinstance(snapshot, WindowSnapshot):
+            raise TypeError(
+                f"{fn}: snapshot must be a WindowSnapshot from Window.snapshot(), got {type(snapshot).__name__}"
+            )
+        if snapshot.size != world.size or snapshot.rank != world.rank:
+            raise ValueError(
+                f"{fn}: snapshot was taken by rank {snapshot.rank} of a world of {snapshot.size}; "
+                f"this is rank {world.rank} of {world.size}"
+            )
+        if snapshot.signature != self._signature():
+            raise ValueError(
+                f"{fn}: snapshot is of a window over another tree layout, topology slots or backend "
+                f"(signature {snapshot.signature}, this window {self._signature()})"
+            )
+        if self._sim is not None:
+            self._sim.restore(snapshot)
+            return
+        handle = self._handle
+        assert handle is not None
+        me = world.rank
+        regions = [[b.contiguous() for b in snapshot.own]]
+        regions += [[s[k].contiguous() for s in snapshot.slots] for k in range(len(self._nb.ins[me]))]
+        with _timed(world, fn):
+            self._settle()
+            for p in [handle.put(me, self._pieces(r, bufs), fn) for r, bufs in enumerate(regions)]:
+                p.wait()
+            handle.barrier(f"{fn} (after writing)")
+
+    def _signature(self) -> str:
+        """Identifies the memory layout: tree, slots, world kind (equal across processes)."""
+        return digest("WindowSnapshot", self._desc, self._nb.ins, self._world.simulated, self._world.size)
+
     def free(self) -> None:
         """Release the window (collective: every rank calls it); later use raises ``RuntimeError``.
 
@@ -727,6 +807,27 @@ class Window:
             finally:
                 self._pending.clear()
                 handle.free(fn)
+
+
+class WindowSnapshot(NamedTuple):
+    """The numbers in a :class:`Window` at one moment: what a checkpoint stores instead of it.
+
+    Attributes:
+        own: the own value, one flat buffer per dtype group of the window's layout (storage
+            dtype: half types as float32); in the simulator ``(n, numel)`` per group.
+        slots: per dtype group, the in-neighbour slots ``(k, numel)`` in the order of
+            :meth:`Window.in_neighbors` (simulator: ``(n, max in-degree, numel)``).  Slots hold
+            mass that was sent but not yet collected.
+        rank: the rank that took it (0 in the simulator).
+        size: the world size.
+        signature: a digest of the tree layout, slot structure and world kind.
+    """
+
+    own: tuple[torch.Tensor, ...]
+    slots: tuple[torch.Tensor, ...]
+    rank: int
+    size: int
+    signature: str
 
 
 def combine_update(
@@ -771,6 +872,14 @@ class _SimWindow:
             self.slots.append(torch.zeros(n, width, g.numel, dtype=_storage(g.dtype)))
         self.device = flat.tensors[0].device if flat.tensors else torch.device("cpu")
         self.template = flat
+
+    def snapshot(self, signature: str) -> WindowSnapshot:
+        own = tuple(o.clone() for o in self.own)
+        return WindowSnapshot(own, tuple(s.clone() for s in self.slots), 0, self.n, signature)
+
+    def restore(self, snapshot: WindowSnapshot) -> None:
+        for mine, theirs in zip(self.own + self.slots, snapshot.own + snapshot.slots, strict=True):
+            mine.copy_(theirs)
 
     def _pack(self, flat: Flat) -> list[torch.Tensor]:
         out = []

@@ -11,7 +11,7 @@ Everything still goes through the functional ops, and the arithmetic is the one 
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import torch
@@ -167,33 +167,83 @@ class DecentralizedOptimizer:
 def broadcast_parameters(params: nn.Module | Params, root: int = 0) -> Params:
     """Give every rank the root's parameters, for a consistent start.
 
-    For a pytree this is :func:`bluefog_fn.broadcast`: a new tree is returned, the input is
-    untouched.  For an ``nn.Module`` its parameters and buffers are broadcast and **copied
-    into the module in place** — the one exception to purity in the library, because a module
-    is a stateful object — and the broadcast ``{name: tensor}`` dict is returned.
+    * an ``nn.Module``: its parameters and buffers are broadcast and **copied into the module
+      in place**; the broadcast ``{name: tensor}`` dict is returned;
+    * a ``module.state_dict()`` (BlueFog's idiom ``broadcast_parameters(model.state_dict(), 0)``)
+      or a list of ``(name, tensor)`` pairs (``list(model.named_parameters())``): the tensors are
+      overwritten **in place** — they share memory with the module, so the module is updated —
+      and the same object is returned;
+    * any other pytree: this is :func:`bluefog_fn.broadcast`: a new tree is returned and the
+      input is untouched.
+
+    Modules and state dicts are stateful objects, which is why they are the one exception to
+    purity in the library.  A state dict is recognised by the ``_metadata`` attribute that
+    ``nn.Module.state_dict()`` sets; one whose tensors cannot be written in place (e.g. a copy
+    made with ``{k: v.clone() ...}`` loses ``_metadata`` and is then a plain tree) raises.
 
     Args:
-        params: an ``nn.Module`` or a pytree of tensors (same structure on every rank).
+        params: an ``nn.Module``, a state dict, ``(name, tensor)`` pairs, or a pytree of tensors
+            (same structure on every rank).
         root: the rank whose values everyone receives.
 
     Returns:
-        The broadcast tree (for a module: ``{name: tensor}`` of parameters and buffers).
+        The broadcast tree (for a module: ``{name: tensor}`` of parameters and buffers; for a
+        state dict or pairs: ``params`` itself, updated).
 
     Example:
         >>> import torch, bluefog_fn as bf
         >>> bf.broadcast_parameters({"w": torch.ones(2)}, root=0)["w"].tolist()
         [1.0, 1.0]
+        >>> model = torch.nn.Linear(2, 1)
+        >>> sd = model.state_dict()
+        >>> bf.broadcast_parameters(sd, root=0) is sd
+        True
     """
-    if not isinstance(params, nn.Module):
+    fn = "broadcast_parameters"
+    if isinstance(params, nn.Module):
+        _process_world(fn)
+        named: dict[str, torch.Tensor] = dict(params.named_parameters())
+        named.update(params.named_buffers())
+        received: dict[str, torch.Tensor] = broadcast({k: v.detach() for k, v in named.items()}, root)
+        _copy_in_place(fn, list(named.items()), received)
+        return received
+    if isinstance(params, Iterator):  # model.named_parameters() as BlueFog users pass it
+        params = list(params)
+    pairs = _in_place_pairs(fn, params)
+    if pairs is None:
         return broadcast(params, root)
-    _process_world("broadcast_parameters")
-    named: dict[str, torch.Tensor] = dict(params.named_parameters())
-    named.update(params.named_buffers())
-    received: dict[str, torch.Tensor] = broadcast({k: v.detach() for k, v in named.items()}, root)
+    _process_world(fn)
+    received = broadcast({str(i): t.detach() for i, (_, t) in enumerate(pairs)}, root)
+    _copy_in_place(fn, [(str(i), t) for i, (_, t) in enumerate(pairs)], received)
+    return params
+
+
+def _in_place_pairs(fn: str, params: object) -> list[tuple[str, torch.Tensor]] | None:
+    """``(name, tensor)`` pairs of a state dict or a list of named tensors; None for other trees."""
+    if isinstance(params, dict) and hasattr(params, "_metadata"):
+        items = list(params.items())
+        what = "state_dict"
+    elif (
+        isinstance(params, (list, tuple))
+        and params
+        and all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in params)
+    ):
+        items = list(params)
+        what = "named tensors"
+    else:
+        return None
+    for name, tensor in items:
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{fn}: {what} entry {name!r} must be a torch.Tensor, got {type(tensor).__name__} {tensor!r:.60}")
+    return items
+
+
+def _copy_in_place(fn: str, named: list[tuple[str, torch.Tensor]], received: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
-        for name, tensor in named.items():
+        for name, tensor in named:
+            if tensor.is_inference():
+                raise ValueError(f"{fn}: tensor {name!r} is an inference tensor and cannot be updated in place")
             tensor.copy_(received[name])
-    return received
 
 
 def allreduce_parameters(params: nn.Module | Params) -> Params:

@@ -175,3 +175,22 @@ def test_broadcast_optimizer_state_from_root_with_state() -> None:
         exp_avg = state[pid]["exp_avg"]
         gathered = bf.allgather(exp_avg.reshape(1, -1))
         all_ranks_agree(bool((gathered == gathered[0]).all()) and bool(exp_avg.abs().sum() > 0), "exp_avg")
+
+
+def test_broadcast_parameters_state_dict_updates_module_in_place() -> None:
+    """BlueFog's idiom ``broadcast_parameters(model.state_dict(), root)`` changes the model."""
+    model = torch.nn.BatchNorm1d(3).double()
+    torch.manual_seed(200 + ME)
+    with torch.no_grad():
+        model.weight.normal_()
+        model.running_var.uniform_()
+    sd = model.state_dict()
+    assert bf.broadcast_parameters(sd, root=N - 1) is sd
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        gathered = bf.allgather(tensor.detach().reshape(1, -1))
+        all_ranks_agree(bool((gathered == gathered[N - 1]).all()), f"broadcast_parameters(state_dict) {name}")
+    pairs = list(model.named_parameters())
+    with torch.no_grad():
+        model.bias.fill_(float(ME))
+    bf.broadcast_parameters(pairs, root=0)
+    all_ranks_agree(bool((model.bias == 0.0).all()), "broadcast_parameters(named_parameters) bias")
