@@ -63,6 +63,9 @@ _SAFE: list[Callable[..., Any] | tuple[Callable[..., Any], str]] = [
     optim.SgdState,
     WindowSnapshot,
 ]
+# Registered once, process-wide, as bf.optim does for its states: torch's scoped
+# `safe_globals` context manager un-registers on exit even what was registered before it.
+torch.serialization.add_safe_globals(_SAFE)
 
 
 class UnsafeCheckpointError(pickle.UnpicklingError):
@@ -165,8 +168,7 @@ def load(path: str | os.PathLike[str], *, like: Any = None, map_location: Any = 
     fn = "checkpoint.load"
     source = _resolve(fn, path)
     try:
-        with torch.serialization.safe_globals(_SAFE):
-            payload = torch.load(source, map_location=map_location, weights_only=True)
+        payload = torch.load(source, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         raise UnsafeCheckpointError(
             f"{fn}: refused {source!r}: it asks to rebuild objects that are not plain data, so it was "

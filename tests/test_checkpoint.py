@@ -218,3 +218,11 @@ def test_checkpoint_resume_in_fresh_processes_np2(tmp_path: Path) -> None:
             full = bf.checkpoint.load(tmp_path / f"{name}.full.{r}.pt")
             again = bf.checkpoint.load(tmp_path / f"{name}.resumed.{r}.pt")
             assert len(full) > 0 and rc.bitwise_equal(full, again), f"{name} rank {r}"
+
+
+def test_checkpoint_load_leaves_torch_load_of_states_working(tmp_path: Path) -> None:
+    state = bf.optim.adam(0.1).init({"w": torch.ones(2)})
+    bf.checkpoint.save(tmp_path / "a.pt", state)
+    bf.checkpoint.load(tmp_path / "a.pt")
+    torch.save(state, tmp_path / "b.pt")
+    assert type(torch.load(tmp_path / "b.pt", weights_only=True)).__name__ == "AdamState"
