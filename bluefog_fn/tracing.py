@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -22,14 +23,14 @@ AnyTopology = Topology | DynamicTopology
 
 
 def check_step(fn: str, step: object) -> int:
-    """``step`` must be a non-negative int (numpy/torch integer scalars are accepted)."""
+    """``step`` must be a non-negative int (numpy/torch integer scalars are accepted, floats not)."""
     if isinstance(step, bool):
         raise TypeError(f"{fn}: step must be an int >= 0, got bool {step!r}")
     try:
-        value: int = int(step)  # type: ignore[call-overload]
-    except (TypeError, ValueError):
-        raise TypeError(f"{fn}: step must be an int >= 0, got {type(step).__name__} {step!r}") from None
-    if value != step or value < 0:
+        value: int = operator.index(step)  # type: ignore[call-overload]
+    except TypeError:
+        raise TypeError(f"{fn}: step must be an int >= 0, got {type(step).__name__} {step!r:.60}") from None
+    if value < 0:
         raise ValueError(f"{fn}: step must be an int >= 0, got {step!r}")
     return value
 
@@ -39,7 +40,7 @@ def graph_at(fn: str, topology: object, step: int, size: int) -> Topology:
     if not isinstance(topology, (Topology, DynamicTopology)):
         raise TypeError(
             f"{fn}: topology must be a bf.topology Topology or DynamicTopology, got "
-            f"{type(topology).__name__}"
+            f"{type(topology).__name__} {topology!r:.60}"
         )
     if topology.size != size:
         raise ValueError(f"{fn}: topology has size {topology.size} but the world has {size} ranks")

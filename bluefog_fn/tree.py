@@ -114,4 +114,10 @@ def flatten(tree: Any, fn: str, arg: str = "tree") -> Flat:
                 f"{fn}: {arg} leaf at {path} must be a torch.Tensor or None, got "
                 f"{type(leaf).__name__} {leaf!r:.60}"
             )
+    if tensors:
+        first = tensors[0].device
+        if any(t.device != first for t in tensors):
+            paths = _paths(tree, spec)
+            where = {paths[p]: str(t.device) for p, t in zip(positions, tensors, strict=True)}
+            raise ValueError(f"{fn}: {arg} leaves must all be on one device, got {where}")
     return Flat(tree, spec, tuple(tensors), tuple(positions), len(leaves))

@@ -32,6 +32,7 @@ from .base import (
     Params,
     ScalarOrSchedule,
     Transformation,
+    check_grad_shapes,
     check_grads,
     check_lr,
     check_positive_int,
@@ -164,6 +165,7 @@ def _grads_or_zeros(fn: str, params: Params, grads: Grads) -> tuple[Any, pytree.
     """Grads with ``None`` leaves (where params has a tensor) replaced by zeros; and the structure."""
     xs, spec = flatten_params(fn, params)
     gs = flatten_like(fn, "grads", grads, spec)
+    check_grad_shapes(fn, xs, gs)
     full = [g if g is not None or x is None else torch.zeros_like(x) for x, g in zip(xs, gs, strict=True)]
     return pytree.tree_unflatten(full, spec), spec
 

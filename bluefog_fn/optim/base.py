@@ -103,9 +103,16 @@ def flatten_like(fn: str, arg: str, tree: Any, spec: pytree.TreeSpec) -> list[to
 
 def check_grads(fn: str, params: Params, grads: Grads) -> pytree.TreeSpec:
     """Check params' leaves and that ``grads`` has their structure; returns the structure."""
-    _, spec = flatten_params(fn, params)
-    flatten_like(fn, "grads", grads, spec)
+    leaves, spec = flatten_params(fn, params)
+    check_grad_shapes(fn, leaves, flatten_like(fn, "grads", grads, spec))
     return spec
+
+
+def check_grad_shapes(fn: str, params: list[torch.Tensor | None], grads: list[torch.Tensor | None]) -> None:
+    """Every gradient leaf has its parameter's shape (broadcasting would hide a wrong one)."""
+    for k, (p, g) in enumerate(zip(params, grads, strict=True)):
+        if p is not None and g is not None and g.shape != p.shape:
+            raise ValueError(f"{fn}: grads leaf {k} has shape {tuple(g.shape)}, its parameter {tuple(p.shape)}")
 
 
 def tree_zeros_like(params: Params) -> Any:

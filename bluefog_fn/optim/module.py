@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..ops import broadcast, global_mean
+from ..plan import check_rank_key
 from ..world import current
 from .algorithms import Mixing
 from .base import AnyTopology, Params, fail
@@ -200,6 +201,7 @@ def broadcast_parameters(params: nn.Module | Params, root: int = 0) -> Params:
         True
     """
     fn = "broadcast_parameters"
+    root = check_rank_key(fn, "root", root, current().size, None)
     if isinstance(params, nn.Module):
         _process_world(fn)
         named: dict[str, torch.Tensor] = dict(params.named_parameters())
