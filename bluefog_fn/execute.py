@@ -54,7 +54,9 @@ def _host_segments(
             out.append(buf)
         else:
             s = group.slots[seg.slots[0]]
-            out.append(tensors[s.leaf].detach().reshape(-1))
+            # Sent straight from the caller's memory, which must be dense (a strided 1-D view
+            # stays a view under reshape, and MPI cannot send it).
+            out.append(tensors[s.leaf].detach().reshape(-1).contiguous())
     return out, None
 
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..ops import broadcast, global_mean
 from ..plan import check_rank_key
+from ..tree import flatten
 from ..world import current
 from .algorithms import Mixing
 from .base import AnyTopology, Params, fail
@@ -274,9 +275,14 @@ def allreduce_parameters(params: nn.Module | Params) -> Params:
         >>> torch.equal(model.weight.detach(), averaged["weight"])
         True
     """
+    fn = "allreduce_parameters"
     if not isinstance(params, nn.Module):
+        flat = flatten(params, fn, "params")  # errors name this function, not the global_mean it runs
+        for i, t in enumerate(flat.tensors):
+            if not (t.dtype.is_floating_point or t.dtype.is_complex):
+                raise TypeError(f"{fn}: params leaf {flat.path(i)} has dtype {t.dtype}, which has no mean")
         return global_mean(params)
-    _process_world("allreduce_parameters")
+    _process_world(fn)
     named = {k: v for k, v in params.named_parameters() if v.dtype.is_floating_point or v.dtype.is_complex}
     averaged: dict[str, torch.Tensor] = global_mean({k: v.detach() for k, v in named.items()})
     with torch.no_grad():
