@@ -27,7 +27,7 @@ def check_step(fn: str, step: object) -> int:
     if isinstance(step, bool):
         raise TypeError(f"{fn}: step must be an int >= 0, got bool {step!r}")
     try:
-        value: int = operator.index(step)  # type: ignore[call-overload]
+        value: int = operator.index(step)  # type: ignore[arg-type]
     except TypeError:
         raise TypeError(f"{fn}: step must be an int >= 0, got {type(step).__name__} {step!r:.60}") from None
     if value < 0:
