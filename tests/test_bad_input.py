@@ -52,7 +52,7 @@ def test_table_covers_the_public_functions() -> None:
     covered = {e.says for e in ENTRIES} | {e.name.split(".")[-1] for e in ENTRIES} | {e.name.split("_async")[0] for e in ENTRIES}
     # No arguments, or nothing to get wrong: world queries, cache introspection, shutdown.
     exempt = {"barrier", "barrier_async", "local_rank", "local_size", "machine_rank", "machine_size", "rank", "size",
-              "shutdown", "plan_cache_clear", "plan_cache_info", "global_mean_async", "global_sum",
+              "shutdown", "is_homogeneous", "plan_cache_clear", "plan_cache_info", "global_mean_async", "global_sum",
               "allgather_async", "neighbor_gather_async", "hierarchical_neighbor_mean_async"}
     public = [n for n in bf.__all__ if callable(getattr(bf, n)) and not isinstance(getattr(bf, n), type)]
     public += [f"topology.{n}" for n in table.T.__all__ if callable(getattr(table.T, n)) and not isinstance(getattr(table.T, n), type)]
