@@ -104,6 +104,14 @@ def tree_bad(*, floating: bool) -> st.SearchStrategy[Bad]:
     return st.one_of(*options)
 
 
+def window_tree_bad() -> st.SearchStrategy[Bad]:
+    """Trees a window refuses: as ``tree_bad``, with bool/complex leaves (integers are fine)."""
+    return st.one_of(
+        tree_bad(floating=False),
+        st.sampled_from([torch.bool, torch.complex64]).map(lambda d: Bad({"w": torch.ones(3).to(d)}, str(d))),
+    )
+
+
 def topology_bad(n: int) -> st.SearchStrategy[Bad]:
     """Not a topology, or one of another size."""
     return st.one_of(
@@ -256,19 +264,19 @@ def entries(n: int, me: int) -> list[Entry]:
               collective=False),
         # ---- one-sided windows (ctx["window"] is a live Window over _tree() on the ring)
         Entry("Window", "Window", lambda a: bf.Window(**a), lambda c: {"tree": tree(), "topology": ring},
-              {"tree": tree_bad(floating=True), "topology": topology_bad(n)}),
+              {"tree": window_tree_bad(), "topology": topology_bad(n)}),
         Entry("Window.put", "Window.put", _method("put"), lambda c: {"self": c["window"], "tree": tree(), "step": 0},
-              {"tree": st.one_of(tree_bad(floating=True), st.just(Bad({"w": torch.ones(3)}, "(3,)"))),
+              {"tree": st.one_of(window_tree_bad(), st.just(Bad({"w": torch.ones(3)}, "(3,)"))),
                "dst_weights": dst_bad(n, me), "step": STEP}),
         Entry("Window.accumulate", "Window.accumulate", _method("accumulate"),
               lambda c: {"self": c["window"], "tree": tree(), "step": 0},
-              {"tree": tree_bad(floating=True), "dst_weights": dst_bad(n, me), "step": STEP}),
+              {"tree": window_tree_bad(), "dst_weights": dst_bad(n, me), "step": STEP}),
         Entry("Window.get", "Window.get", _method("get"), lambda c: {"self": c["window"], "step": 0},
               {"src_weights": src_bad(n, me), "step": STEP}),
         Entry("Window.update", "Window.update", _method("update"), lambda c: {"self": c["window"], "step": 0},
               {"self_weight": weight_bad(), "reset": NOT_A_BOOL, "step": STEP}),
         Entry("Window.collect", "Window.collect", _method("collect"), lambda c: {"self": c["window"], "step": 0},
-              {"step": STEP, "tree": tree_bad(floating=True)}),
+              {"step": STEP, "tree": window_tree_bad()}),
         Entry("Window.uniform_share", "Window.uniform_share", _method("uniform_share"),
               lambda c: {"self": c["window"], "step": 0}, {"step": STEP}, collective=False),
         # ---- checkpoints
