@@ -258,6 +258,9 @@ def allreduce_parameters(params: nn.Module | Params) -> Params:
     :func:`broadcast_parameters`), and the averaged ``{name: tensor}`` dict is returned.
     Buffers are left alone (BlueFog averages what it is given, usually
     ``named_parameters()``); integer buffers such as batch-norm counters have no mean.
+    A ``module.state_dict()`` or ``(name, tensor)`` pairs (``list(model.named_parameters())``)
+    are averaged **in place** like :func:`broadcast_parameters` does (they share memory with the
+    module), integer entries left as they are, and the same object is returned.
 
     Args:
         params: an ``nn.Module`` or a pytree of floating tensors (same structure on every rank).
@@ -274,8 +277,20 @@ def allreduce_parameters(params: nn.Module | Params) -> Params:
         >>> averaged = bf.allreduce_parameters(model)
         >>> torch.equal(model.weight.detach(), averaged["weight"])
         True
+        >>> sd = model.state_dict()
+        >>> bf.allreduce_parameters(sd) is sd
+        True
     """
     fn = "allreduce_parameters"
+    if isinstance(params, Iterator):  # model.named_parameters() as BlueFog users pass it
+        params = list(params)
+    pairs = None if isinstance(params, nn.Module) else _in_place_pairs(fn, params)
+    if pairs is not None:
+        _process_world(fn)
+        floating = [(k, t) for k, t in pairs if t.dtype.is_floating_point or t.dtype.is_complex]
+        keyed = [(str(i), t) for i, (_, t) in enumerate(floating)]
+        _copy_in_place(fn, keyed, global_mean({k: t.detach() for k, t in keyed}))
+        return params
     if not isinstance(params, nn.Module):
         flat = flatten(params, fn, "params")  # errors name this function, not the global_mean it runs
         for i, t in enumerate(flat.tensors):

@@ -136,3 +136,23 @@ def test_allreduce_parameters_tree_is_pure() -> None:
     assert_close_everywhere(out["a"], torch.full((2, 2), mean_rank, dtype=F), "tree a", atol=1e-15, rtol=0)
     assert_close_everywhere(out["b"][0], torch.arange(3, dtype=F) * mean_rank, "tree b", atol=1e-15, rtol=0)
     assert torch.equal(tree["a"], before["a"]) and torch.equal(tree["b"][0], before["b"][0])
+
+
+def test_allreduce_parameters_state_dict_updates_the_model_in_place() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float(ME))
+        model[1].running_mean.fill_(2.0 * ME)
+    sd = model.state_dict()
+    assert bf.allreduce_parameters(sd) is sd  # BlueFog's idiom: no silent copy
+    mean_rank = (N - 1) / 2
+    for k, p in model.named_parameters():
+        assert_close_everywhere(p.detach().double(), torch.full(p.shape, mean_rank, dtype=F), k, atol=1e-6, rtol=0)
+    # Floating buffers in a state dict are averaged too; integer counters are left alone.
+    assert_close_everywhere(model[1].running_mean.double(), torch.full((3,), 2.0 * mean_rank, dtype=F), "running_mean", atol=1e-6, rtol=0)
+    all_ranks_agree(int(model[1].num_batches_tracked) == 0, "num_batches_tracked untouched")
+    with torch.no_grad():
+        model[0].weight.fill_(3.0 * ME)
+    bf.allreduce_parameters(model.named_parameters())  # (name, tensor) pairs: in place as well
+    assert_close_everywhere(model[0].weight.detach().double(), torch.full((3, 2), 3.0 * mean_rank, dtype=F), "pairs", atol=1e-6, rtol=0)
