@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -101,27 +102,35 @@ class LocalTransport:
         tag: int,
         *,
         call: int | None = None,
+        what: str = "neighbor exchange",
     ) -> _Done:
         # A plan in a world of one has no peers; anything else is a planner bug worth surfacing.
         if sends or recvs:
-            raise MismatchError("exchange: a world of one rank has no peers to talk to")
+            raise MismatchError(f"{what}: a world of one rank has no peers to talk to")
         return _Done()
 
-    def allreduce_sum(self, buf: np.ndarray) -> _Done:
+    def allreduce_sum(self, buf: np.ndarray, what: str = "global reduction") -> _Done:
         return _Done()
 
-    def bcast(self, buf: np.ndarray, root: int) -> _Done:
+    def bcast(self, buf: np.ndarray, root: int, what: str = "broadcast") -> _Done:
         return _Done()
 
-    def allgatherv(self, send: np.ndarray, recv: np.ndarray, counts: Sequence[int]) -> _Done:
+    def allgatherv(self, send: np.ndarray, recv: np.ndarray, counts: Sequence[int], what: str = "allgather") -> _Done:
         recv[: send.size] = send
         return _Done()
 
-    def barrier(self) -> _Done:
+    def barrier(self, what: str = "barrier") -> _Done:
         return _Done()
 
-    def allgather_object(self, obj: Any) -> list[Any]:
+    def allgather_object(self, obj: Any, what: str = "agreement") -> list[Any]:
         return [obj]
+
+    def close(self) -> None:
+        return None
+
+    def abort(self, code: int) -> NoReturn:
+        # No peers to take down: ending this process ends the job.
+        os._exit(code)
 
     def window_create(self, nbytes: int) -> LocalWindow:
         return LocalWindow(nbytes)

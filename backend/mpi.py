@@ -8,12 +8,13 @@ dead or diverging peer becomes a :class:`CommTimeoutError` naming who is missing
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import pickle
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 import mpi4py
 import numpy as np
@@ -35,6 +36,43 @@ from .watchdog import Watchdog
 # sleeping briefly so an idle rank does not burn a core.
 _SPIN_SECONDS = 1e-3
 _YIELD_SECONDS = 5e-2
+# A rank that has left the job may still have messages in flight on the data communicator (its
+# departure notice travels on another one, unordered with them): a wait on it fails only if it
+# is still incomplete this long after the notice arrived.
+_DEPARTED_GRACE_SECONDS = 2.0
+# The departure notice: a zero-byte message on the control communicator.
+_TAG_DEPARTED = 1
+
+
+class _Departures:
+    """Which ranks have left the job (interpreter exit or ``bf.shutdown()``).
+
+    A leaving rank sends every other rank a notice on a control communicator of its own; waits
+    look for notices while idle, so a wait on a rank that is gone fails within seconds instead
+    of at its deadline.
+    """
+
+    __slots__ = ("comm", "gone", "seen")
+
+    def __init__(self, comm: MPI.Comm) -> None:
+        self.comm = comm
+        self.gone: set[int] = set()
+        self.seen = 0.0  # when the first notice arrived
+
+    def poll(self) -> set[int]:
+        """Receive the notices that arrived; the set of ranks known gone."""
+        status = MPI.Status()
+        while self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=_TAG_DEPARTED, status=status):
+            src = status.Get_source()
+            self.comm.Recv([np.empty(0, np.uint8), MPI.BYTE], source=src, tag=_TAG_DEPARTED)
+            if not self.gone:
+                self.seen = time.perf_counter()
+            self.gone.add(src)
+        return self.gone
+
+
+def _describe(ranks: Sequence[int] | set[int]) -> str:
+    return f"rank(s) {sorted(ranks)}"
 
 
 # While idle, a waiting rank looks for peers' messages that prove a divergence (a stale message,
@@ -43,46 +81,94 @@ _PROBE_SECONDS = 1e-3
 
 
 class _Backoff:
-    """Paces a polling loop and enforces the deadline."""
+    """Paces a polling loop and enforces the deadline.
 
-    __slots__ = ("next_probe", "probe", "start", "timeout", "what")
+    ``peers`` of :meth:`idle` name the peer of each pending request; ``None`` marks a
+    collective (every rank of ``size`` takes part, and which one is missing is unknown).
+    """
 
-    def __init__(self, timeout: float, what: str, probe: Callable[[], None] | None = None) -> None:
+    __slots__ = ("departures", "next_probe", "probe", "size", "start", "timeout", "what")
+
+    def __init__(
+        self,
+        timeout: float,
+        what: str,
+        probe: Callable[[], None] | None = None,
+        departures: _Departures | None = None,
+        size: int = 0,
+    ) -> None:
         self.start = time.perf_counter()
         self.timeout = timeout
         self.what = what
         self.probe = probe
         self.next_probe = _SPIN_SECONDS
+        self.departures = departures
+        self.size = size
 
-    def idle(self, pending: list[MPI.Request], peers: Sequence[int]) -> None:
+    def idle(self, pending: list[MPI.Request], peers: Sequence[int] | None) -> None:
         """Called when a poll found nothing new; raises once the deadline passed."""
-        waited = time.perf_counter() - self.start
+        now = time.perf_counter()
+        waited = now - self.start
         if waited > self.timeout:
-            missing = sorted({p for p, r in zip(peers, pending, strict=True) if r != MPI.REQUEST_NULL})
-            for r in pending:
-                if r != MPI.REQUEST_NULL:
-                    with contextlib.suppress(MPI.Exception):  # cancel is best effort
-                        r.Cancel()
+            _cancel(pending)
+            if peers is None:
+                raise CommTimeoutError(
+                    f"{self.what}: not every one of the {self.size} ranks entered it within "
+                    f"{self.timeout:g} s; a rank died, stopped calling the library, or is calling a "
+                    "different op (BLUEFOG_FN_TIMEOUT sets the limit)"
+                )
             raise CommTimeoutError(
-                f"{self.what}: no answer from rank(s) {missing} after {self.timeout:g} s; a peer "
-                "died or the ranks are calling different ops (BLUEFOG_FN_TIMEOUT sets the limit)"
+                f"{self.what}: no answer from {_describe(_missing(pending, peers))} after {self.timeout:g} s; "
+                "a peer died, stopped calling the library, or is calling a different op "
+                "(BLUEFOG_FN_TIMEOUT sets the limit)"
             )
         if self.probe is not None and waited > self.next_probe:
             self.next_probe = waited + _PROBE_SECONDS
             self.probe()
         if waited > _YIELD_SECONDS:
+            if self.departures is not None:
+                self._check_departures(pending, peers, now)
             time.sleep(1e-4)
         elif waited > _SPIN_SECONDS:
             os.sched_yield()
 
+    def _check_departures(self, pending: list[MPI.Request], peers: Sequence[int] | None, now: float) -> None:
+        assert self.departures is not None
+        gone = self.departures.poll()
+        if not gone or now - max(self.departures.seen, self.start) < _DEPARTED_GRACE_SECONDS:
+            return
+        waiting_on = gone if peers is None else gone.intersection(_missing(pending, peers))
+        if waiting_on:
+            _cancel(pending)
+            raise CommError(
+                f"{self.what}: {_describe(waiting_on)} left the job (reached the end of the program, "
+                "sys.exit or bf.shutdown()) while this rank still waits for them"
+            )
+
+
+def _missing(pending: list[MPI.Request], peers: Sequence[int]) -> list[int]:
+    return sorted({p for p, r in zip(peers, pending, strict=True) if r != MPI.REQUEST_NULL})
+
+
+def _cancel(pending: list[MPI.Request]) -> None:
+    for r in pending:
+        if r != MPI.REQUEST_NULL:
+            with contextlib.suppress(MPI.Exception):  # cancel is best effort
+                r.Cancel()
+
 
 def _wait_all(
-    requests: list[MPI.Request], timeout: float, what: str, peers: Sequence[int],
+    requests: list[MPI.Request],
+    timeout: float,
+    what: str,
+    peers: Sequence[int] | None,
     probe: Callable[[], None] | None = None,
+    departures: _Departures | None = None,
+    size: int = 0,
 ) -> None:
     if not requests:
         return
-    backoff = _Backoff(timeout, what, probe)
+    backoff = _Backoff(timeout, what, probe, departures, size)
     while not MPI.Request.Testall(requests):
         backoff.idle(requests, peers)
 
@@ -211,6 +297,8 @@ class _Exchange:
         timeout: float,
         wire: CallWire,
         call: int | None,
+        what: str = "neighbor exchange",
+        departures: _Departures | None = None,
     ) -> None:
         self._recv_reqs = recv_reqs
         self._sources = sources
@@ -221,6 +309,8 @@ class _Exchange:
         self._timeout = timeout
         self._wire = wire
         self._call = call
+        self._what = what
+        self._departures = departures
         self._finished = False
 
     def done(self) -> bool:
@@ -243,19 +333,19 @@ class _Exchange:
                 indices = MPI.Request.Testsome(self._recv_reqs, statuses)
             except MPI.Exception as exc:
                 raise MismatchError(
-                    f"neighbor exchange: a peer sent more data than expected ({exc.Get_error_string()}); "
+                    f"{self._what}: a peer sent more data than expected ({exc.Get_error_string()}); "
                     "ranks are calling with different tree shapes or dtypes"
                 ) from exc
             if not indices:
                 if backoff is None:  # started lazily: most small exchanges complete at once
-                    backoff = _Backoff(self._timeout, "neighbor exchange", self._probe)
+                    backoff = _Backoff(self._timeout, self._what, self._probe, self._departures)
                 backoff.idle(self._recv_reqs, self._sources)
                 continue
             for k, i in enumerate(indices):
                 self._check(i, statuses[k])
                 remaining -= 1
                 yield i
-        _wait_all(self._send_reqs, self._timeout, "neighbor exchange", self._dests, self._probe)
+        _wait_all(self._send_reqs, self._timeout, self._what, self._dests, self._probe, self._departures)
         self._finished = True
 
     def wait(self) -> None:
@@ -270,7 +360,7 @@ class _Exchange:
         got = status.Get_count(MPI.BYTE)
         if got != buf.nbytes:
             raise MismatchError(
-                f"neighbor exchange: rank {peer} sent {got} bytes where {buf.nbytes} were "
+                f"{self._what}: rank {peer} sent {got} bytes where {buf.nbytes} were "
                 "expected; ranks are calling with different tree shapes or dtypes"
             )
 
@@ -285,11 +375,21 @@ class _Exchange:
 class _Collective:
     """One non-blocking collective in flight."""
 
-    def __init__(self, request: MPI.Request, what: str, timeout: float, probe: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        request: MPI.Request,
+        what: str,
+        timeout: float,
+        probe: Callable[[], None] | None = None,
+        size: int = 0,
+        departures: _Departures | None = None,
+    ) -> None:
         self._request = request
         self._what = what
         self._timeout = timeout
         self._probe = probe
+        self._size = size
+        self._departures = departures
         self._finished = False
 
     def done(self) -> bool:
@@ -298,25 +398,62 @@ class _Collective:
     def wait(self) -> None:
         if self._finished:
             return
-        _wait_all([self._request], self._timeout, self._what, [-1], self._probe)
+        _wait_all([self._request], self._timeout, self._what, None, self._probe, self._departures, self._size)
         self._finished = True
 
 
-class MpiTransport:
-    """Transport over an MPI communicator (a private duplicate of ``comm``)."""
+def _dup(comm: MPI.Comm, timeout: float, what: str) -> MPI.Comm:
+    """``comm.Dup()`` with a deadline (``MPI_Comm_idup``, polled)."""
+    new, request = comm.Idup()
+    _Collective(request, what, timeout, size=comm.Get_size()).wait()
+    return new
 
-    def __init__(self, comm: MPI.Comm, timeout: float) -> None:
-        self.comm = comm.Dup()
+
+class MpiTransport:
+    """Transport over an MPI communicator (a private duplicate of ``comm``).
+
+    A second duplicate carries control traffic only: the departure notices of :meth:`close`.
+    """
+
+    def __init__(self, comm: MPI.Comm, timeout: float, init_timeout: float | None = None) -> None:
+        self.timeout = timeout
+        what = "init (bf.init or the first op: duplicating the communicator)"
+        deadline = timeout if init_timeout is None else init_timeout
+        self.comm = _dup(comm, deadline, what)
         self.rank: int = self.comm.Get_rank()
         self.size: int = self.comm.Get_size()
-        self.timeout = timeout
+        self._departures = _Departures(_dup(comm, deadline, what))
         tag_ub = self.comm.Get_attr(MPI.TAG_UB)
         self.wire = CallWire(self.comm, int(tag_ub) if tag_ub else 32767)
 
-    def free(self) -> None:
-        """Release the private communicator."""
-        if self.comm != MPI.COMM_NULL:
-            self.comm.Free()
+    def close(self) -> None:
+        """Leave the job: tell every rank, wait (bounded) until every rank left, release both
+        communicators.  Raises :class:`CommTimeoutError` naming the ranks that did not leave."""
+        if self.comm == MPI.COMM_NULL:
+            return
+        control = self._departures.comm
+        empty = np.empty(0, np.uint8)
+        sends = [control.Isend([empty, MPI.BYTE], dest=r, tag=_TAG_DEPARTED) for r in range(self.size) if r != self.rank]
+        others = set(range(self.size)) - {self.rank}
+        backoff = _Backoff(math.inf, "shutdown")  # paces only; the deadline is checked here
+        while not self._departures.poll() >= others:
+            if time.perf_counter() - backoff.start > self.timeout:
+                _cancel(sends)
+                raise CommTimeoutError(
+                    f"shutdown: this rank reached the end of its program (or bf.shutdown()), but "
+                    f"{_describe(others - self._departures.gone)} did not within {self.timeout:g} s; "
+                    "they are stuck, still working, or waiting for something this rank never sends "
+                    "(BLUEFOG_FN_TIMEOUT sets the limit)"
+                )
+            backoff.idle([], [])
+        _wait_all(sends, self.timeout, "shutdown", [r for r in range(self.size) if r != self.rank])
+        # Every rank is here: freeing cannot wait on an absent one.
+        self.comm.Free()
+        control.Free()
+
+    def abort(self, code: int) -> NoReturn:
+        """End every rank of the job now (``MPI_Abort``)."""
+        abort_world(code)
 
     def exchange(
         self,
@@ -325,6 +462,7 @@ class MpiTransport:
         tag: int,
         *,
         call: int | None = None,
+        what: str = "neighbor exchange",
     ) -> _Exchange:
         wire = self.wire
         wire_tag = wire.tag(tag, call)
@@ -335,7 +473,7 @@ class MpiTransport:
         wire.posted(call)
         return _Exchange(
             recv_reqs, [s for s, _ in recvs], [b for _, b in recvs], send_reqs, [d for d, _ in sends],
-            wire_tag, self.timeout, wire, call,
+            wire_tag, self.timeout, wire, call, what, self._departures,
         )
 
     def begin_call(self, call: int, floor: int) -> None:
@@ -350,40 +488,37 @@ class MpiTransport:
         # A collective never marks its call posted: the transport cannot tell whether the call is
         # a global op or the agreement of an exchange still to come (or deferred), so a message of
         # the current call seen while waiting here is left for the next call's probe.
-        return _Collective(request, what, self.timeout, self._probe)
+        return _Collective(request, what, self.timeout, self._probe, self.size, self._departures)
 
-    def allreduce_sum(self, buf: np.ndarray) -> _Collective:
-        return self._collective(self.comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM), "global reduction")
+    def allreduce_sum(self, buf: np.ndarray, what: str = "global reduction") -> _Collective:
+        return self._collective(self.comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM), what)
 
-    def bcast(self, buf: np.ndarray, root: int) -> _Collective:
+    def bcast(self, buf: np.ndarray, root: int, what: str = "broadcast") -> _Collective:
         # Broadcast moves bytes, so any dtype (half types included) travels unchanged.
-        return self._collective(self.comm.Ibcast([buf, MPI.BYTE], root=root), "broadcast")
+        return self._collective(self.comm.Ibcast([buf, MPI.BYTE], root=root), what)
 
-    def allgatherv(self, send: np.ndarray, recv: np.ndarray, counts: Sequence[int]) -> _Collective:
+    def allgatherv(self, send: np.ndarray, recv: np.ndarray, counts: Sequence[int], what: str = "allgather") -> _Collective:
         itemsize = send.dtype.itemsize
         byte_counts = [int(c) * itemsize for c in counts]
         displs = np.concatenate([[0], np.cumsum(byte_counts)[:-1]]).astype(int).tolist()
         req = self.comm.Iallgatherv(
             [send.view(np.uint8), MPI.BYTE], [recv.view(np.uint8), (byte_counts, displs), MPI.BYTE]
         )
-        return self._collective(req, "allgather")
+        return self._collective(req, what)
 
-    def barrier(self) -> _Collective:
-        return self._collective(self.comm.Ibarrier(), "barrier")
+    def barrier(self, what: str = "barrier") -> _Collective:
+        return self._collective(self.comm.Ibarrier(), what)
 
-    def allgather_object(self, obj: Any) -> list[Any]:
+    def allgather_object(self, obj: Any, what: str = "agreement") -> list[Any]:
         # Small pickled payloads only (agreement digests); bounded by the same deadline as data.
         payload = np.frombuffer(pickle.dumps(obj), dtype=np.uint8)
         sizes = np.zeros(self.size, dtype=np.int64)
         mine = np.array([payload.size], dtype=np.int64)
-        self._collective(self.comm.Iallgather(mine, sizes), "agreement").wait()
+        self._collective(self.comm.Iallgather(mine, sizes), what).wait()
         recv = np.empty(int(sizes.sum()), dtype=np.uint8)
         displs = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist()
-        _Collective(
-            self.comm.Iallgatherv([payload, MPI.BYTE], [recv, (sizes.tolist(), displs), MPI.BYTE]),
-            "agreement",
-            self.timeout,
-            self._probe,
+        self._collective(
+            self.comm.Iallgatherv([payload, MPI.BYTE], [recv, (sizes.tolist(), displs), MPI.BYTE]), what
         ).wait()
         out = []
         for r in range(self.size):
@@ -685,14 +820,30 @@ def world_comm() -> MPI.Comm:
     return MPI.COMM_WORLD
 
 
-def node_layout(comm: MPI.Comm) -> tuple[int, int, int, int]:
-    """``(local_rank, local_size, machine_rank, machine_size)`` from MPI's shared-memory split."""
+def abort_world(code: int) -> NoReturn:
+    """End every process of the MPI job now (``MPI_Abort`` on the world communicator)."""
+    MPI.COMM_WORLD.Abort(code)
+    os._exit(code)  # not reached: MPI_Abort does not return
+
+
+def node_layout(comm: MPI.Comm, timeout: float) -> tuple[int, int, int, int]:
+    """``(local_rank, local_size, machine_rank, machine_size)`` from MPI's shared-memory split.
+
+    Every step is bounded by ``timeout``: the split itself has no non-blocking form, so a polled
+    barrier first makes sure every rank is there to take part in it.
+    """
+    size = comm.Get_size()
+    what = "init (bf.init or the first op: finding the machine layout)"
+    _Collective(comm.Ibarrier(), what, timeout, size=size).wait()
     local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
     try:
         local_rank, local_size = local.Get_rank(), local.Get_size()
         # A machine is named by its lowest world rank (its local rank 0); numbered in that order.
-        leader = local.bcast(comm.Get_rank() if local_rank == 0 else None, root=0)
+        leader = np.array([comm.Get_rank() if local_rank == 0 else -1], dtype=np.int64)
+        _Collective(local.Ibcast(leader, root=0), what, timeout, size=local_size).wait()
     finally:
         local.Free()
-    leaders = sorted({int(r) for r in comm.allgather(leader)})
-    return local_rank, local_size, leaders.index(leader), len(leaders)
+    everyone = np.empty(size, dtype=np.int64)
+    _Collective(comm.Iallgather(leader, everyone), what, timeout, size=size).wait()
+    leaders = sorted({int(r) for r in everyone})
+    return local_rank, local_size, leaders.index(int(leader[0])), len(leaders)

@@ -4,12 +4,14 @@ Buffers are host numpy arrays (contiguous, any dtype numpy knows; bfloat16 trave
 only the bytes matter).  Every operation is non-blocking and returns a :class:`Pending`; the
 synchronous forms are ``op(...).wait()``.  Waits are bounded by the transport's timeout so that a
 dead or diverging peer turns into :class:`~bluefog_fn.backend.CommTimeoutError` instead of a hang.
+Every operation takes ``what``, the caller's description of the call (``"neighbor_mean (step 3)"``),
+which errors name.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import numpy as np
 
@@ -123,12 +125,14 @@ class Transport(Protocol):
         tag: int,
         *,
         call: int | None = None,
+        what: str = "neighbor exchange",
     ) -> ExchangePending:
         """Post every receive, then every send; ``recvs`` are filled in place.
 
         Each received message must carry ``tag`` and ``call`` (the caller's number for this
         call, equal on every rank; ``None``: unnumbered) and fill its buffer exactly, otherwise
-        ``wait`` raises ``MismatchError`` naming the peer.
+        ``wait`` raises ``MismatchError`` naming the peer; a timeout names the peers that did
+        not answer.
         """
         ...
 
@@ -138,24 +142,35 @@ class Transport(Protocol):
         one of them proves the ranks diverged: raise ``MismatchError`` naming the peer."""
         ...
 
-    def allreduce_sum(self, buf: np.ndarray) -> Pending:
+    def allreduce_sum(self, buf: np.ndarray, what: str = "global reduction") -> Pending:
         """Sum ``buf`` over all ranks, in place."""
         ...
 
-    def bcast(self, buf: np.ndarray, root: int) -> Pending:
+    def bcast(self, buf: np.ndarray, root: int, what: str = "broadcast") -> Pending:
         """Overwrite ``buf`` on every rank with root's ``buf``."""
         ...
 
-    def allgatherv(self, send: np.ndarray, recv: np.ndarray, counts: Sequence[int]) -> Pending:
+    def allgatherv(self, send: np.ndarray, recv: np.ndarray, counts: Sequence[int], what: str = "allgather") -> Pending:
         """Concatenate every rank's ``send`` (``counts[r]`` elements from rank r) into ``recv``."""
         ...
 
-    def barrier(self) -> Pending:
+    def barrier(self, what: str = "barrier") -> Pending:
         """Complete once every rank entered the barrier."""
         ...
 
-    def allgather_object(self, obj: Any) -> list[Any]:
+    def allgather_object(self, obj: Any, what: str = "agreement") -> list[Any]:
         """Gather one small picklable object from every rank (used for agreement checks)."""
+        ...
+
+    def close(self) -> None:
+        """Leave the job: wait (bounded) until every rank left, then release the communicator.
+
+        Raises ``CommTimeoutError`` naming the ranks that did not leave in time.
+        """
+        ...
+
+    def abort(self, code: int) -> NoReturn:
+        """End every process of the job now (an uncaught error on one rank)."""
         ...
 
     def window_create(self, nbytes: int) -> WindowHandle:

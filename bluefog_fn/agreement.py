@@ -69,7 +69,8 @@ def agree(
         "sends": tuple(d for d, _ in plan.sends),
         "recvs": tuple(s for s, _ in plan.recvs),
     }
-    everyone = world.transport.allgather_object(mine)
+    at = "" if step is None else f"step {step}, "
+    everyone = world.transport.allgather_object(mine, f"{fn} ({at}agreement)")
     _check(fn, everyone)
     if key is not None:
         world.agreed.add(key)

@@ -11,13 +11,15 @@ known by name, and ``--`` ends the options explicitly for anything else:
 
     bfrun -np 8 -bind-to core -hosts n1,n2 python train.py
     bfrun -np 8 -someopt value -- python train.py
+
+If a rank fails, the whole job ends (see :mod:`bluefog_fn.launch_watch`) and bfrun exits non-zero
+after one line naming the rank and its error; otherwise its exit status is the program's.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 from collections.abc import Sequence
 
@@ -119,11 +121,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "(`pip install mpich`, which bluefog-fn depends on) or add yours to PATH"
         )
     cmd, extra_env = build_command(args, mpiexec)
-    env = {**os.environ, **extra_env}
-    try:
-        return subprocess.call(cmd, env=env)
-    except KeyboardInterrupt:
-        return 130
+    from .launch_watch import run_job
+
+    return run_job(cmd, {**os.environ, **extra_env}, size=int(cmd[2]))
 
 
 if __name__ == "__main__":

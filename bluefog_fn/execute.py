@@ -31,6 +31,12 @@ class Resources:
     staging: PinnedStaging = field(default_factory=PinnedStaging)
 
 
+def describe(plan: CommPlan, step: int | None = None) -> str:
+    """How errors name a call: its op and its step (the caller's, else the plan's)."""
+    step = plan.step if step is None else step
+    return plan.op if step is None else f"{plan.op} (step {step})"
+
+
 def _host_segments(
     group: BufferGroup, tensors: Sequence[torch.Tensor], res: Resources
 ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
@@ -95,6 +101,7 @@ class Exchange:
         *,
         call: int | None = None,
         calls: CallOrder | None = None,
+        what: str | None = None,
     ) -> None:
         self.plan = plan
         self.call = call
@@ -138,7 +145,7 @@ class Exchange:
                     keep.append(scaled)
                     sends.append((dst, host_array(scaled)))
         self._keep = keep
-        self.pending: ExchangePending = transport.exchange(sends, recvs, plan.tag, call=call)
+        self.pending: ExchangePending = transport.exchange(sends, recvs, plan.tag, call=call, what=what or describe(plan))
 
     def _completed(self) -> Iterator[int]:
         try:
@@ -282,7 +289,7 @@ class RaggedGather:
             self.bufs.append(mine)
         self.sources = [src for src, _ in plan.recvs]
         self._keep = keep
-        self.pending: ExchangePending = transport.exchange(sends, recvs, plan.tag, call=call)
+        self.pending: ExchangePending = transport.exchange(sends, recvs, plan.tag, call=call, what=describe(plan))
 
     def done(self) -> bool:
         return self.pending.done()

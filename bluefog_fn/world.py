@@ -7,7 +7,11 @@ and pops it on exit.  Nothing imports MPI until a world that needs it is created
 Environment variables:
 
 * ``BLUEFOG_FN_TIMEOUT`` — seconds a rank waits for a peer before raising
-  :class:`~bluefog_fn.CommTimeoutError` (default 120).
+  :class:`~bluefog_fn.CommTimeoutError` (default 60); it bounds every wait of the library,
+  the shutdown at interpreter exit included (see :mod:`bluefog_fn.failure`).
+* ``BLUEFOG_FN_INIT_TIMEOUT`` — seconds the world's creation waits for every rank to arrive
+  (ranks start unevenly: imports, data loading); default the larger of 60 and
+  ``BLUEFOG_FN_TIMEOUT``.
 * ``BLUEFOG_FN_RANKS_PER_MACHINE`` — pretend every K consecutive ranks share one machine, so
   hierarchical features can be exercised on a single host (``size`` must be a multiple of K).
 """
@@ -73,14 +77,16 @@ class _Context:
 _CONTEXT = _Context()
 
 
-def _timeout() -> float:
-    raw = os.environ.get("BLUEFOG_FN_TIMEOUT", "120")
+def _timeout(name: str = "BLUEFOG_FN_TIMEOUT", default: float = 60.0) -> float:
+    raw = os.environ.get(name, "")
+    if raw == "":
+        return default
     try:
         value = float(raw)
     except ValueError:
-        raise ValueError(f"BLUEFOG_FN_TIMEOUT must be a number of seconds, got {raw!r}") from None
+        raise ValueError(f"{name} must be a number of seconds, got {raw!r}") from None
     if not value > 0:
-        raise ValueError(f"BLUEFOG_FN_TIMEOUT must be positive, got {raw!r}")
+        raise ValueError(f"{name} must be positive, got {raw!r}")
     return value
 
 
@@ -108,14 +114,22 @@ def _make_local() -> World:
 
 
 def _make_mpi() -> World:
-    from .backend import mpi  # deferred: importing mpi4py initializes MPI
+    from . import failure
 
-    comm = mpi.world_comm()
-    transport = mpi.MpiTransport(comm, _timeout())
+    timeout = _timeout()
+    init_timeout = _timeout("BLUEFOG_FN_INIT_TIMEOUT", max(60.0, timeout))
+    with failure.startup_deadline(init_timeout):
+        from .backend import mpi  # deferred: importing mpi4py initializes MPI
+
+        comm = mpi.world_comm()
+    if comm.Get_size() > 1:
+        # Before the first collective: a rank failing from here on takes the job down with it.
+        failure.install(comm.Get_rank(), mpi.abort_world, at_exit=_shutdown_at_exit)
+    transport = mpi.MpiTransport(comm, timeout, init_timeout)
     rank, size = transport.rank, transport.size
     k = _ranks_per_machine(size)
     if k is None:
-        local_rank, local_size, machine_rank, machine_size = mpi.node_layout(comm)
+        local_rank, local_size, machine_rank, machine_size = mpi.node_layout(transport.comm, init_timeout)
     else:
         local_rank, local_size, machine_rank, machine_size = rank % k, k, rank // k, size // k
     from .hierarchy import homogeneity_problem
@@ -159,18 +173,41 @@ def init(backend: BackendName = "auto") -> None:
 
 
 def shutdown() -> None:
-    """Tear the process world down (its plan cache and private communicator go with it)."""
+    """Tear the process world down (its plan cache and private communicator go with it).
+
+    With more than one rank this is where a rank leaves the job: it waits until every rank has
+    left (at most ``BLUEFOG_FN_TIMEOUT`` seconds, else :class:`~bluefog_fn.CommTimeoutError`
+    naming the ranks that did not).  Runs by itself at interpreter exit.
+
+    Example:
+        >>> import bluefog_fn as bf
+        >>> bf.shutdown()
+        >>> bf.size() >= 1  # the next op starts a new world
+        True
+    """
     process = _process_world()
     if process is None:
         return
     if _CONTEXT.stack[-1] is not process:
         raise RuntimeError("shutdown: cannot shut down inside bf.simulate(...)")
-    free = getattr(process.transport, "free", None)
-    if free is not None:
-        free()
-    if process.timeline is not None:
-        process.timeline.close()
-    _CONTEXT.stack.clear()
+    _close(process)
+
+
+def _close(process: World) -> None:
+    _CONTEXT.stack.clear()  # first: a failing close leaves no half-closed world behind
+    try:
+        if process.transport is not None:
+            process.transport.close()
+    finally:
+        if process.timeline is not None:
+            process.timeline.close()
+
+
+def _shutdown_at_exit() -> None:
+    # The program may exit from inside bf.simulate(...): the process world closes all the same.
+    process = _process_world()
+    if process is not None:
+        _close(process)
 
 
 def _process_world() -> World | None:

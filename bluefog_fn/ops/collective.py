@@ -38,7 +38,7 @@ def _start_reduce(
     agree(world, fn, plan)
     bufs = pack(plan, tensors, world.resources, upcast_half=True)
     assert world.transport is not None
-    pendings = [world.transport.allreduce_sum(host_array(b)) for b in bufs]
+    pendings = [world.transport.allreduce_sum(host_array(b), fn) for b in bufs]
     return plan, pendings, bufs
 
 
@@ -151,7 +151,7 @@ def broadcast_async(tree: Any, root: int = 0) -> Handle[Any]:
     else:
         bufs = [res.pool.take(g.dtype, g.numel) for g in plan.layout.groups]
     assert world.transport is not None
-    pendings = [world.transport.bcast(host_array(b), root) for b in bufs]
+    pendings = [world.transport.bcast(host_array(b), root, fn) for b in bufs]
     device = _device(flat)
 
     def finish() -> Any:
@@ -193,7 +193,7 @@ def allgather_async(tree: Any) -> Handle[Any]:
     # Every rank's first dimensions, so each can size and slice the gathered buffers.
     dims = np.array([t.shape[0] for t in flat.tensors], dtype=np.int64)
     gathered_dims = np.empty(n * len(dims), dtype=np.int64)
-    world.transport.allgatherv(dims, gathered_dims, [len(dims)] * n).wait()
+    world.transport.allgatherv(dims, gathered_dims, [len(dims)] * n, f"{fn} (first dimensions)").wait()
     all_dims = gathered_dims.reshape(n, len(dims))
     bufs = pack(plan, flat.tensors, res)
     gathered = []
@@ -202,7 +202,7 @@ def allgather_async(tree: Any) -> Handle[Any]:
         row = [_row_numel(s.shape) for s in g.slots]
         counts = [int(sum(all_dims[r, s.leaf] * row[k] for k, s in enumerate(g.slots))) for r in range(n)]
         recv = res.pool.take(g.dtype, sum(counts))
-        pendings.append(world.transport.allgatherv(host_array(b), host_array(recv), counts))
+        pendings.append(world.transport.allgatherv(host_array(b), host_array(recv), counts, fn))
         gathered.append((g, recv, counts, row))
     device = _device(flat)
 
@@ -256,7 +256,7 @@ def barrier_async() -> Handle[None]:
     world = current()
     if world.simulated or world.transport is None:
         return Handle(lambda: None)
-    pending = world.transport.barrier()
+    pending = world.transport.barrier("barrier")
 
     def finish() -> None:
         pending.wait()

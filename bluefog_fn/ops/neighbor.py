@@ -14,7 +14,7 @@ import torch
 
 from ..agreement import agree
 from ..backend.errors import MismatchError
-from ..execute import Exchange, RaggedGather
+from ..execute import Exchange, RaggedGather, describe
 from ..plan import CommPlan, build_layout, make_tag
 from ..tracing import AnyTopology, check_step, trace_mix
 from ..tree import Flat, LeafMeta, flatten
@@ -66,15 +66,16 @@ class _MixRun:
     """
 
     def __init__(
-        self, world: World, plan: CommPlan, tensors: Sequence[torch.Tensor], *, defer: bool, call: int | None
+        self, world: World, plan: CommPlan, tensors: Sequence[torch.Tensor], *, defer: bool, call: int | None, step: int | None = None
     ) -> None:
         assert world.transport is not None
         self.world = world
         self.plan = plan
         self.call = call
+        self.step = step  # the caller's, for error messages (a static graph's plan has none)
         self.exchange = None
         if not defer:
-            self.exchange = Exchange(world.transport, world.resources, plan, tensors, call=call, calls=world.calls)
+            self.exchange = Exchange(world.transport, world.resources, plan, tensors, call=call, calls=world.calls, what=describe(plan, step))
         elif call is not None:
             world.calls.defer(call)  # its messages may arrive before it posts: not stale
 
@@ -88,7 +89,10 @@ class _MixRun:
             assert world.transport is not None
             if self.call is not None:
                 world.calls.posted(self.call)
-            exchange = Exchange(world.transport, world.resources, self.plan, tensors, call=self.call, calls=world.calls)
+            exchange = Exchange(
+                world.transport, world.resources, self.plan, tensors, call=self.call, calls=world.calls,
+                what=describe(self.plan, self.step),
+            )
         self.exchange = None
         return exchange.mix()
 
@@ -101,7 +105,7 @@ class _MixRun:
         ]
         # Every rank runs the backward exchanges in the same order: they are calls of their own.
         call = None if self.world.size == 1 else self.world.calls.begin(f"{self.plan.op} backward", self.plan.step)
-        back = _MixRun(self.world, self.plan.reversed(), full, defer=True, call=call)
+        back = _MixRun(self.world, self.plan.reversed(), full, defer=True, call=call, step=self.step)
         if torch.is_grad_enabled() or _is_transformed(full):
             return tuple(_MixFunction.apply(back, *full))  # type: ignore[no-untyped-call]
         return tuple(back.forward(full))
@@ -147,7 +151,7 @@ def neighbor_mean_async(
     tensors = flat.tensors
     transformed = _is_transformed(tensors)
     differentiable = transformed or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-    run = _MixRun(world, plan, tensors, defer=transformed, call=call)
+    run = _MixRun(world, plan, tensors, defer=transformed, call=call, step=step)
 
     def finish() -> Any:
         outs = _MixFunction.apply(run, *tensors) if differentiable else run.forward(tensors)  # type: ignore[no-untyped-call]
@@ -223,7 +227,7 @@ def neighbor_gather_async(
     assert world.transport is not None
     exchange: Exchange | RaggedGather
     if sources is None:  # every source's leaves have this rank's shapes
-        exchange = Exchange(world.transport, world.resources, plan, flat.tensors, call=call, calls=world.calls)
+        exchange = Exchange(world.transport, world.resources, plan, flat.tensors, call=call, calls=world.calls, what=describe(plan, step))
     else:
         layouts = [build_layout(_with_first_dims(flat.metas, sources[src])) for src, _ in plan.recvs]
         exchange = RaggedGather(world.transport, world.resources, plan, flat.tensors, layouts, call=call)
