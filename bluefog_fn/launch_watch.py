@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -168,7 +169,9 @@ class _ExitWatch:
 _MPIEXEC = -1  # the watch's key for mpiexec itself
 
 
-def _watch(proc: subprocess.Popen[bytes], job_dir: str, departures: dict[int, Departure]) -> int:
+def _watch(
+    proc: subprocess.Popen[bytes], job_dir: str, departures: dict[int, Departure], stops: list[tuple[int, float]]
+) -> int:
     watch = _ExitWatch()
     pids: dict[int, int] = {}
     failed_at: float | None = None
@@ -179,7 +182,7 @@ def _watch(proc: subprocess.Popen[bytes], job_dir: str, departures: dict[int, De
             ended = watch.ended(_POLL_SECONDS)
             rc = proc.poll()
             if rc is not None:
-                return rc
+                return rc if not stops or rc != 0 else 128 + stops[0][0]
             wave += 1
             for rank in (r for r in ended if r != _MPIEXEC):
                 _depart(departures, job_dir, rank, pids[rank], wave)
@@ -197,6 +200,11 @@ def _watch(proc: subprocess.Popen[bytes], job_dir: str, departures: dict[int, De
                 kill_job(job_dir)
                 proc.kill()
                 return proc.wait()
+            if stops and now - stops[0][1] > GRACE_SECONDS:
+                kill_job(job_dir)
+                proc.kill()
+                proc.wait()
+                return 128 + stops[0][0]
     finally:
         watch.close()
 
@@ -247,26 +255,36 @@ def run_job(cmd: Sequence[str], env: dict[str, str], size: int | None = None) ->
     job's exit status."""
     job_dir = tempfile.mkdtemp(prefix="bluefog_fn-job-")
     departures: dict[int, Departure] = {}
+    stops: list[tuple[int, float]] = []  # (signal, when) asked to stop the job
+    previous = {}
     try:
         proc = subprocess.Popen(list(cmd), env={**env, JOB_DIR_ENV: job_dir})
-        try:
-            rc = _watch(proc, job_dir, departures)
-        except KeyboardInterrupt:
-            # The terminal sent SIGINT to mpiexec too; give it a moment to stop the ranks.
-            try:
-                proc.wait(timeout=GRACE_SECONDS)
-            except (subprocess.TimeoutExpired, KeyboardInterrupt):
-                proc.kill()
-            rc = 130
+
+        def forward(signum: int, frame: object) -> None:
+            # Passed on to mpiexec (which passes it to the ranks); the watch ends the job if
+            # that does not within the grace period.
+            stops.append((signum, time.monotonic()))
+            with contextlib.suppress(OSError):
+                proc.send_signal(signum)
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                previous[sig] = signal.signal(sig, forward)
+        rc = _watch(proc, job_dir, departures, stops)
         failures = read_failures(job_dir)
         if rc != 0 or failures:
             kill_job(job_dir)
             started: dict[int, int] = {}
             _read_pids(job_dir, started)
             never = [r for r in range(size or 0) if r not in started] if started else []
-            for line in report(rc, failures, list(departures.values()), never):
+            lines = report(rc, failures, list(departures.values()), never)
+            if stops and not failures:
+                lines = [f"bfrun: stopped by {signal.Signals(stops[0][0]).name}; the job was ended"]
+            for line in lines:
                 print(line, file=sys.stderr, flush=True)
             return rc if rc != 0 else 1
         return rc
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         shutil.rmtree(job_dir, ignore_errors=True)

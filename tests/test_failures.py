@@ -68,6 +68,9 @@ def test_rank_raising_mid_run_ends_the_job_and_bfrun_names_it() -> None:
     # The issue's scenario: rank 2 raises right after a barrier; the others keep mixing.
     body = (
         "x = torch.ones(4)\n"
+        "if bf.rank() == 0:\n"  # a process of the job that no rank waits for: it must go too
+        "    import subprocess\n"
+        "    subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)', sys.argv[1]])\n"
         "bf.barrier()\n"
         "if bf.rank() == 2:\n"
         "    raise RuntimeError('loss is nan on rank 2')\n"
@@ -220,3 +223,34 @@ def test_exit_status_is_the_programs() -> None:
     out, _ = run_job(2, "bf.barrier()\nsys.exit(3)\n")
     assert out.returncode == 3, out.stderr
     assert "bfrun:" not in out.stderr
+
+
+def test_bfrun_stopped_by_sigterm_ends_the_job() -> None:
+    code = PRELUDE + (
+        "import subprocess\n"
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)', sys.argv[1]])\n"
+        "os.write(1, b'ready\\n')\n"
+        "while True:\n"
+        "    bf.barrier()\n"
+        "    time.sleep(0.05)\n"
+    )
+    marker = f"bf-failure-test-{uuid.uuid4().hex}"
+    proc = subprocess.Popen(
+        [BFRUN, "-np", "2", sys.executable, "-c", code, marker],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+    )
+    try:
+        assert proc.stdout is not None
+        ready = [proc.stdout.readline(), proc.stdout.readline()]
+        assert ready == ["ready\n", "ready\n"]
+        proc.terminate()
+        _, err = proc.communicate(timeout=BOUND_SECONDS)
+    finally:
+        proc.kill()
+        time.sleep(0.2)
+        left = processes_with(marker)
+        for line in left:
+            os.kill(int(line.split(":")[0]), 9)
+    assert not left, f"processes of the job left behind: {left}"
+    assert proc.returncode != 0
+    assert "bfrun: stopped by SIGTERM; the job was ended" in err, err
