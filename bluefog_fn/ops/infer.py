@@ -73,14 +73,14 @@ def _infer(fn: str, arg: str, ranks: Any) -> Inferred:
         return ()
     header = np.array([_OP_CODE[fn], len(mine)], dtype=np.int64)
     headers = np.empty(2 * n, dtype=np.int64)
-    world.transport.allgatherv(header, headers, [2] * n).wait()
+    world.transport.allgatherv(header, headers, [2] * n, fn).wait()
     codes, degrees = headers[0::2], headers[1::2]
     for r in range(n):
         if codes[r] != _OP_CODE[fn]:
             other = {code: name for name, code in _OP_CODE.items()}.get(int(codes[r]), "another collective")
             raise MismatchError(f"{fn}: rank {world.rank} called {fn} but rank {r} called {other}")
     flat = np.empty(int(degrees.sum()), dtype=np.int64)
-    world.transport.allgatherv(np.array(mine, dtype=np.int64), flat, [int(d) for d in degrees]).wait()
+    world.transport.allgatherv(np.array(mine, dtype=np.int64), flat, [int(d) for d in degrees], fn).wait()
     bounds = np.concatenate([[0], np.cumsum(degrees)])
     lists = [tuple(int(v) for v in flat[bounds[r] : bounds[r + 1]]) for r in range(n)]
     return _invert(lists)[world.rank]
