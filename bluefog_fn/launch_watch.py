@@ -244,7 +244,7 @@ def report(
             ]
         who = ", ".join(f"rank {d.rank} (pid {d.pid})" for d in sorted(abnormal) if d.wave == wave)
         return [
-            f"bfrun: {who} ended without a Python error (killed by a signal, or os._exit) "
+            f"bfrun: {who} ended without a Python error (killed by a signal, os._exit or a deadline watchdog) "
             f"and the job was ended; mpiexec exit status {rc}"
         ]
     return []
