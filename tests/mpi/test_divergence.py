@@ -129,9 +129,9 @@ def test_per_call_graphs_run_no_agreement_collective_after_the_first_call() -> N
     calls = []
     original = transport.allgather_object  # type: ignore[union-attr]
 
-    def counting(obj: object) -> list[object]:
+    def counting(obj: object, what: str = "agreement") -> list[object]:
         calls.append(obj)
-        return original(obj)
+        return original(obj, what)
 
     transport.allgather_object = counting  # type: ignore[union-attr,method-assign]
     try:
