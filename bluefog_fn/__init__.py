@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from . import checkpoint, optim, sim, topology
+from . import checkpoint, optim, sim, timeline, topology
 from .backend.errors import CommError, CommTimeoutError, MismatchError
 from .hierarchy import StagedPlan
 from .inspect import plan_cache_clear, plan_cache_info, trace
@@ -96,6 +96,7 @@ __all__ = [
     "sim",
     "simulate",
     "size",
+    "timeline",
     "topology",
     "trace",
 ]

@@ -23,6 +23,8 @@ import shutil
 import sys
 from collections.abc import Sequence
 
+from . import timeline_merge
+
 USAGE = "usage: bfrun -np N [--timeline PATH] [mpiexec options] [--] program [args...]"
 
 # How many values common mpiexec options (MPICH hydra and Open MPI) take after their name.
@@ -121,9 +123,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             "(`pip install mpich`, which bluefog-fn depends on) or add yours to PATH"
         )
     cmd, extra_env = build_command(args, mpiexec)
+    timeline = extra_env.get("BLUEFOG_FN_TIMELINE")
+    if timeline is not None:
+        timeline = extra_env["BLUEFOG_FN_TIMELINE"] = os.path.abspath(timeline)
+        timeline_merge.clear_parts(timeline)
     from .launch_watch import run_job
 
-    return run_job(cmd, {**os.environ, **extra_env}, size=int(cmd[2]))
+    try:
+        return run_job(cmd, {**os.environ, **extra_env}, size=int(cmd[2]))
+    finally:
+        if timeline is not None:
+            timeline_merge.merge_after_job(timeline)
 
 
 if __name__ == "__main__":

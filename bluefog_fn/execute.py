@@ -9,8 +9,9 @@ are views into it.  CUDA leaves go through reusable pinned host buffers on the w
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,6 +22,9 @@ from .backend.kernels import combine, combine_arrays, uses_numba
 from .backend.transport import ExchangePending, Transport
 from .call_order import CallOrder, explain
 from .plan import BufferGroup, CommPlan, Layout
+
+if TYPE_CHECKING:
+    from .timeline import Span
 
 
 @dataclass
@@ -102,11 +106,13 @@ class Exchange:
         call: int | None = None,
         calls: CallOrder | None = None,
         what: str | None = None,
+        span: Span | None = None,
     ) -> None:
         self.plan = plan
         self.call = call
         self.calls = calls
         self.res = res
+        self.span = span  # the op's timeline span (marks pack, send, wait, combine), or None
         self.device = tensors[0].device if tensors else torch.device("cpu")
         self.x: list[list[torch.Tensor]] = []  # per group, per segment
         self.x_np: list[list[np.ndarray]] = []
@@ -145,7 +151,11 @@ class Exchange:
                     keep.append(scaled)
                     sends.append((dst, host_array(scaled)))
         self._keep = keep
+        if span is not None:
+            span.phase("pack")
         self.pending: ExchangePending = transport.exchange(sends, recvs, plan.tag, call=call, what=what or describe(plan))
+        if span is not None:
+            span.phase("send")
 
     def _completed(self) -> Iterator[int]:
         try:
@@ -173,6 +183,40 @@ class Exchange:
         outs = [t for t, _ in pairs]
         outs_np = [a if uses_numba(g.dtype) else None for (_, a), g in zip(pairs, groups, strict=True)]
         n_in = len(weights)
+        span = self.span
+        if span is not None:
+            # Segments are combined as they land: each combine nests inside the wait, which
+            # ends when the last segment's messages are in.
+            span.skip()
+            wait_start = span.last
+            combine_segment = _timed_combine(self._combine_segment_fn(outs, outs_np, weights, self_weight), span)
+        else:
+            combine_segment = self._combine_segment_fn(outs, outs_np, weights, self_weight)
+        if n_in == 0:
+            self._wait()
+            if span is not None:
+                span.add("wait", wait_start, span.now())
+            for gi, g in enumerate(groups):
+                for si in range(len(g.segments)):
+                    combine_segment(gi, si)
+        else:
+            arrived: dict[tuple[int, int], int] = {}
+            for i in self._completed():
+                key = self.recv_segment[i]
+                count = arrived.get(key, 0) + 1
+                arrived[key] = count
+                if count == n_in:
+                    combine_segment(*key)
+            if span is not None:
+                span.add("wait", wait_start, span.phases[-1][1] if span.phases[-1][0] == "combine" else span.now())
+                span.phases.sort(key=_phase_start)
+        self._release()
+        return _leaf_views(plan, [_to_device(o, self.device) for o in outs])
+
+    def _combine_segment_fn(
+        self, outs: list[torch.Tensor], outs_np: list[np.ndarray | None], weights: list[float], self_weight: float
+    ) -> Callable[[int, int], None]:
+        groups = self.plan.layout.groups
 
         def combine_segment(gi: int, si: int) -> None:
             seg = groups[gi].segments[si]
@@ -185,21 +229,7 @@ class Exchange:
             else:
                 combine(self.x[gi][si], self.recv[gi][:, seg.start : seg.stop], weights, self_weight, outs[gi][seg.start : seg.stop])
 
-        if n_in == 0:
-            self._wait()
-            for gi, g in enumerate(groups):
-                for si in range(len(g.segments)):
-                    combine_segment(gi, si)
-        else:
-            arrived: dict[tuple[int, int], int] = {}
-            for i in self._completed():
-                key = self.recv_segment[i]
-                count = arrived.get(key, 0) + 1
-                arrived[key] = count
-                if count == n_in:
-                    combine_segment(*key)
-        self._release()
-        return _leaf_views(plan, [_to_device(o, self.device) for o in outs])
+        return combine_segment
 
     def _release(self) -> None:
         """The exchange is complete: scaled copies and staging buffers may be reused."""
@@ -212,13 +242,30 @@ class Exchange:
 
     def gathered(self) -> dict[int, list[torch.Tensor]]:
         """Wait, then return each source's leaves (views into the receive buffer)."""
+        if self.span is not None:
+            self.span.skip()
         self._wait()
+        if self.span is not None:
+            self.span.phase("wait")
         self._release()
         result = {}
         for j, (src, _) in enumerate(self.plan.recvs):
             bufs = [_to_device(r[j], self.device) for r in self.recv]
             result[src] = _leaf_views(self.plan, bufs)
         return result
+
+
+def _phase_start(phase: tuple[str, float, float]) -> float:
+    return phase[1]
+
+
+def _timed_combine(fn: Callable[[int, int], None], span: Span) -> Callable[[int, int], None]:
+    def combine_segment(gi: int, si: int) -> None:
+        start = span.now()
+        fn(gi, si)
+        span.add("combine", start, span.now())
+
+    return combine_segment
 
 
 def pack(plan: CommPlan, tensors: Sequence[torch.Tensor], res: Resources, *, upcast_half: bool = False) -> list[torch.Tensor]:

@@ -110,7 +110,7 @@ def _under_mpiexec() -> bool:
 
 
 def _make_local() -> World:
-    return World("local", 0, 1, 0, 1, 0, 1, LocalTransport(), timeline=from_env(0))
+    return World("local", 0, 1, 0, 1, 0, 1, LocalTransport(), timeline=from_env(0, 1, merge_on_close=True))
 
 
 def _make_mpi() -> World:
@@ -136,8 +136,8 @@ def _make_mpi() -> World:
 
     layouts = transport.allgather_object((local_rank, local_size, machine_rank))
     return World(
-        "mpi", rank, size, local_rank, local_size, machine_rank, machine_size, transport, timeline=from_env(rank),
-        homogeneity=homogeneity_problem(layouts),
+        "mpi", rank, size, local_rank, local_size, machine_rank, machine_size, transport,
+        timeline=from_env(rank, size), homogeneity=homogeneity_problem(layouts),
     )
 
 

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+if TYPE_CHECKING:
+    from ..plan import CommPlan
+    from ..timeline import Span
 
 T = TypeVar("T")
 
@@ -43,16 +47,44 @@ class Handle(Generic[T]):
         return f"Handle(done={self.done()})"
 
 
-def tracked(world: Any, name: str, finish: Callable[[], T], test: Callable[[], bool] | None = None) -> Handle[T]:
-    """A :class:`Handle` whose call-to-wait span is recorded on the world's timeline, if any."""
+def plan_args(plan: CommPlan) -> dict[str, Any]:
+    """The arguments an op's timeline event shows: bytes moved and peers."""
+    args: dict[str, Any] = {"bytes_sent": plan.bytes_sent, "bytes_received": plan.bytes_received}
+    if plan.op.startswith("neighbor") or plan.sends or plan.recvs:
+        args["send_to"] = [d for d, _ in plan.sends]
+        args["recv_from"] = [s for s, _ in plan.recvs]
+    if plan.root is not None:
+        args["root"] = plan.root
+    if plan.step is not None:
+        args["step"] = plan.step
+    return args
+
+
+def tracked(
+    world: Any,
+    name: str,
+    finish: Callable[[], T],
+    test: Callable[[], bool] | None = None,
+    span: Span | None = None,
+    args: Callable[[], dict[str, Any]] | None = None,
+) -> Handle[T]:
+    """A :class:`Handle` whose call-to-wait span is recorded on the world's timeline, if any.
+
+    ``span`` is the op's span when the caller already began one (to mark its phases); else one
+    begins here.  The span ends after ``finish``; ``args()`` then gives its arguments (bytes,
+    peers), computed only when a timeline records them.
+    """
     timeline = world.timeline
     if timeline is None:
         return Handle(finish, test)
-    start = timeline.now()
+    if span is None:
+        span = timeline.begin(name)
+    recording = span
 
     def finish_and_record() -> T:
+        recording.skip()  # the caller's own work between the op's start and its wait
         result = finish()
-        timeline.record(name, start, timeline.now())
+        recording.end(**(args() if args is not None else {}))
         return result
 
     return Handle(finish_and_record, test)

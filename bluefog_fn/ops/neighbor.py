@@ -7,7 +7,7 @@ are executed for all agents at once by :mod:`bluefog_fn.sim`.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -19,7 +19,10 @@ from ..plan import CommPlan, build_layout, make_tag
 from ..tracing import AnyTopology, check_step, trace_mix
 from ..tree import Flat, LeafMeta, flatten
 from ..world import World, current
-from .handle import Handle, tracked
+from .handle import Handle, plan_args, tracked
+
+if TYPE_CHECKING:
+    from ..timeline import Span
 
 SrcWeights = Mapping[int, float]
 DstWeights = Mapping[int, float] | Sequence[int]
@@ -66,16 +69,18 @@ class _MixRun:
     """
 
     def __init__(
-        self, world: World, plan: CommPlan, tensors: Sequence[torch.Tensor], *, defer: bool, call: int | None, step: int | None = None
+        self, world: World, plan: CommPlan, tensors: Sequence[torch.Tensor], *, defer: bool, call: int | None, step: int | None = None,
+        span: Span | None = None,
     ) -> None:
         assert world.transport is not None
         self.world = world
         self.plan = plan
+        self.span = span
         self.call = call
         self.step = step  # the caller's, for error messages (a static graph's plan has none)
         self.exchange = None
         if not defer:
-            self.exchange = Exchange(world.transport, world.resources, plan, tensors, call=call, calls=world.calls, what=describe(plan, step))
+            self.exchange = Exchange(world.transport, world.resources, plan, tensors, call=call, calls=world.calls, what=describe(plan, step), span=span)
         elif call is not None:
             world.calls.defer(call)  # its messages may arrive before it posts: not stale
 
@@ -91,7 +96,7 @@ class _MixRun:
                 world.calls.posted(self.call)
             exchange = Exchange(
                 world.transport, world.resources, self.plan, tensors, call=self.call, calls=world.calls,
-                what=describe(self.plan, self.step),
+                what=describe(self.plan, self.step), span=self.span,
             )
         self.exchange = None
         return exchange.mix()
@@ -105,10 +110,17 @@ class _MixRun:
         ]
         # Every rank runs the backward exchanges in the same order: they are calls of their own.
         call = None if self.world.size == 1 else self.world.calls.begin(f"{self.plan.op} backward", self.plan.step)
-        back = _MixRun(self.world, self.plan.reversed(), full, defer=True, call=call, step=self.step)
+        timeline = self.world.timeline
+        span = None if timeline is None else timeline.begin(f"{self.plan.op}.backward")
+        back = _MixRun(self.world, self.plan.reversed(), full, defer=True, call=call, step=self.step, span=span)
         if torch.is_grad_enabled() or _is_transformed(full):
-            return tuple(_MixFunction.apply(back, *full))  # type: ignore[no-untyped-call]
-        return tuple(back.forward(full))
+            out = tuple(_MixFunction.apply(back, *full))  # type: ignore[no-untyped-call]
+        else:
+            out = tuple(back.forward(full))
+        if span is not None:
+            span.phase("unpack")
+            span.end(**plan_args(back.plan))
+        return out
 
     def _slots(self) -> list[tuple[tuple[int, ...], torch.dtype]]:
         slots: list[tuple[tuple[int, ...], torch.dtype] | None] = [None] * self.plan.layout.n_tensors
@@ -146,18 +158,27 @@ def neighbor_mean_async(
         from ..sim import neighbor_mean_sim
 
         return neighbor_mean_sim(world, flat, topology, step, self_weight, src_weights, dst_weights)
+    timeline = world.timeline
+    span = None if timeline is None else timeline.begin(fn)
     plan = trace_mix(world, fn, flat, topology, step, world.rank, self_weight, src_weights, dst_weights)
+    if span is not None:
+        span.phase("trace")
     call = agree(world, fn, plan, step=step, graph=dst_weights)
+    if span is not None:
+        span.phase("agree")
     tensors = flat.tensors
     transformed = _is_transformed(tensors)
     differentiable = transformed or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-    run = _MixRun(world, plan, tensors, defer=transformed, call=call, step=step)
+    run = _MixRun(world, plan, tensors, defer=transformed, call=call, step=step, span=span)
 
     def finish() -> Any:
         outs = _MixFunction.apply(run, *tensors) if differentiable else run.forward(tensors)  # type: ignore[no-untyped-call]
-        return flat.unflatten(list(outs))
+        result = flat.unflatten(list(outs))
+        if span is not None:
+            span.phase("unpack")
+        return result
 
-    return tracked(world, fn, finish, run.done)
+    return tracked(world, fn, finish, run.done, span, lambda: plan_args(plan))
 
 
 def neighbor_mean(
@@ -215,19 +236,25 @@ def neighbor_gather_async(
         from ..sim import neighbor_gather_sim
 
         return neighbor_gather_sim(world, tree, topology, step, src_weights, dst_weights)
+    timeline = world.timeline
+    span = None if timeline is None else timeline.begin(fn)
     flat = flatten(tree, fn)
     # Gathering has no self weight; a neutral one keeps the override rules of neighbor_mean.
     self_weight = 1.0 if src_weights is not None else None
     plan = trace_mix(
         world, fn, flat, topology, step, world.rank, self_weight, src_weights, dst_weights, dim0_free=True
     )
+    if span is not None:
+        span.phase("trace")
     call = agree(world, fn, plan, dim0_free=True, step=step, graph=dst_weights)
     dims = _first_dims(flat)
     sources = _source_dims(world, fn, plan, dims)
+    if span is not None:
+        span.phase("agree")
     assert world.transport is not None
     exchange: Exchange | RaggedGather
     if sources is None:  # every source's leaves have this rank's shapes
-        exchange = Exchange(world.transport, world.resources, plan, flat.tensors, call=call, calls=world.calls, what=describe(plan, step))
+        exchange = Exchange(world.transport, world.resources, plan, flat.tensors, call=call, calls=world.calls, what=describe(plan, step), span=span)
     else:
         layouts = [build_layout(_with_first_dims(flat.metas, sources[src])) for src, _ in plan.recvs]
         exchange = RaggedGather(world.transport, world.resources, plan, flat.tensors, layouts, call=call)
@@ -235,13 +262,13 @@ def neighbor_gather_async(
     wanted = None if src_weights is None else set(src_weights)
 
     def finish() -> dict[int, Any]:
-        return {
-            src: flat.unflatten(leaves)
-            for src, leaves in exchange.gathered().items()
-            if wanted is None or src in wanted
-        }
+        gathered = exchange.gathered()
+        result = {src: flat.unflatten(leaves) for src, leaves in gathered.items() if wanted is None or src in wanted}
+        if span is not None:
+            span.phase("unpack")
+        return result
 
-    return tracked(world, fn, finish, exchange.done)
+    return tracked(world, fn, finish, exchange.done, span, lambda: plan_args(plan))
 
 
 def _first_dims(flat: Flat) -> tuple[int, ...]:
