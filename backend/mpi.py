@@ -31,6 +31,13 @@ from mpi4py import MPI
 from .errors import CallMismatchError, CommError, CommTimeoutError, MismatchError
 from .watchdog import Watchdog
 
+_THREAD_LEVELS = {
+    MPI.THREAD_SINGLE: "single",
+    MPI.THREAD_FUNNELED: "funneled",
+    MPI.THREAD_SERIALIZED: "serialized",
+    MPI.THREAD_MULTIPLE: "multiple",
+}
+
 # Waits poll MPI: busy for the first _SPIN_SECONDS (latency), then yielding the core between polls
 # (oversubscribed runs would otherwise starve the very peer they wait for), then, for long waits,
 # sleeping briefly so an idle rank does not burn a core.
@@ -425,6 +432,9 @@ class MpiTransport:
         self._departures = _Departures(_dup(comm, deadline, what))
         tag_ub = self.comm.Get_attr(MPI.TAG_UB)
         self.wire = CallWire(self.comm, int(tag_ub) if tag_ub else 32767)
+        # The thread level MPI was initialized with, for the front end to warn about MULTIPLE
+        # (set by whoever imported mpi4py.MPI first; see the top of this module).
+        self.thread_level: str = _THREAD_LEVELS.get(MPI.Query_thread(), "unknown")
 
     def close(self) -> None:
         """Leave the job: tell every rank, wait (bounded) until every rank left, release both

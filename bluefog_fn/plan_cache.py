@@ -6,6 +6,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from .log import get_logger
+
 DEFAULT_MAXSIZE = 512
 
 
@@ -39,8 +41,11 @@ class PlanCache:
         self.misses += 1
         entry = build()
         self._entries[key] = entry
+        log = get_logger("plans")
         if len(self._entries) > self.maxsize:
             self._entries.popitem(last=False)
+            log.debug("plan cache full (%d plans): evicted the least recently used", self.maxsize)
+        log.debug("traced a plan for %s (miss %d, %d cached)", getattr(entry, "op", "?"), self.misses, len(self._entries))
         return entry
 
     def info(self) -> CacheInfo:

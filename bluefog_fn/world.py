@@ -26,6 +26,7 @@ from .backend.local import LocalTransport
 from .backend.transport import Transport
 from .call_order import CallOrder
 from .execute import Resources
+from .log import get_logger
 from .plan_cache import AgreedSet, PlanCache
 from .timeline import Timeline, from_env
 
@@ -135,10 +136,42 @@ def _make_mpi() -> World:
     from .hierarchy import homogeneity_problem
 
     layouts = transport.allgather_object((local_rank, local_size, machine_rank))
-    return World(
+    world = World(
         "mpi", rank, size, local_rank, local_size, machine_rank, machine_size, transport,
         timeline=from_env(rank, size), homogeneity=homogeneity_problem(layouts),
     )
+    _warn_about(world, transport.thread_level, local_size if k is None else None)
+    return world
+
+
+def _cpu_count() -> int:
+    # The machine's cores, not this process's affinity: a launcher binding each rank to its own
+    # core (``-bind-to core``) would otherwise make every rank look oversubscribed.
+    return os.cpu_count() or 1
+
+
+def _warn_about(world: World, thread_level: str, ranks_here: int | None) -> None:
+    """Log what a user of this world must know (once per machine or once per job)."""
+    log = get_logger("world")
+    log.info(
+        "world: rank %d of %d (machine %d of %d, local rank %d of %d), MPI thread level %s",
+        world.rank, world.size, world.machine_rank, world.machine_size, world.local_rank, world.local_size,
+        thread_level, extra={"rank": world.rank},
+    )
+    cpus = _cpu_count()
+    if ranks_here is not None and ranks_here > cpus and world.local_rank == 0:
+        log.warning(
+            "%d ranks run on this machine, which has %d CPU core(s) for them: oversubscribed. Waits "
+            "yield the core, so results are right, but every rank runs slower and timings mislead",
+            ranks_here, cpus, extra={"rank": world.rank},
+        )
+    if thread_level == "multiple" and world.rank == 0:
+        log.warning(
+            "MPI was initialized with MPI_THREAD_MULTIPLE (mpi4py's default: mpi4py.MPI was imported "
+            "before bluefog_fn); polled waits can be hundreds of times slower. Import bluefog_fn "
+            "first, or set mpi4py.rc.thread_level = 'serialized' before importing mpi4py.MPI",
+            extra={"rank": world.rank},
+        )
 
 
 def init(backend: BackendName = "auto") -> None:

@@ -36,7 +36,7 @@ atomicity is per element, not per message (BlueFog's ``require_mutex`` is ``win.
 from __future__ import annotations
 
 import contextlib
-import logging
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, NamedTuple
@@ -47,6 +47,7 @@ import torch
 from ..agreement import agree
 from ..backend.buffers import host_array
 from ..backend.transport import WindowHandle
+from ..log import get_logger
 from ..plan import (
     CommPlan,
     Layout,
@@ -69,7 +70,7 @@ _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INTEGER = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 _ALIGN = 8
 
-logger = logging.getLogger("bluefog_fn")
+logger = get_logger("window")
 
 
 def _storage(dtype: torch.dtype) -> torch.dtype:
@@ -195,6 +196,7 @@ class Window:
         self._pending: list[Handle[None]] = []  # this rank's async operations not yet waited
         self._held: set[tuple[int, int]] = set()  # (agent, rank) of the mutexes held
         self._template = flat  # rebuilds results of update() called without a tree
+        self._unfreed: weakref.finalize[Any, Window] | None = None  # warns if free() never comes
         if world.simulated:
             self._sim: _SimWindow | None = _SimWindow(self, flat)
             self._handle: WindowHandle | None = None
@@ -219,6 +221,7 @@ class Window:
             own = self._pack(flat.tensors)
             handle.put(me, self._pieces(0, own), fn).wait()
             handle.barrier(f"{fn} (creation)")  # nobody touches a window before every rank made it
+        self._unfreed = weakref.finalize(self, _never_freed, self._layout.nbytes)
 
     # ----------------------------------------------------------------------------- helpers
 
@@ -797,6 +800,8 @@ class Window:
                 "leave the win.mutex block first"
             )
         self._freed = True
+        if self._unfreed is not None:
+            self._unfreed.detach()
         handle, self._handle = self._handle, None
         self._sim = None
         if handle is None:
@@ -828,6 +833,13 @@ class WindowSnapshot(NamedTuple):
     rank: int
     size: int
     signature: str
+
+
+def _never_freed(nbytes: int) -> None:
+    logger.warning(
+        "a bf.Window of %d bytes per region was never freed: its MPI memory stays allocated until "
+        "exit; call win.free() on every rank when done with it", nbytes,
+    )
 
 
 def combine_update(

@@ -29,6 +29,7 @@ from bluefog_fn.topology.builders import (
     star,
     symmetric_exponential,
 )
+from bluefog_fn.topology.drawing import draw
 from bluefog_fn.topology.graph import AnyTopology, DynamicTopology, Topology
 from bluefog_fn.topology.schedules import (
     base_graph,
@@ -44,6 +45,7 @@ __all__ = [
     "DynamicTopology",
     "Topology",
     "base_graph",
+    "draw",
     "exponential",
     "exponential_two",
     "from_matrix",
