@@ -45,6 +45,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from mpi4py import MPI
+from tqdm import tqdm
 
 import bluefog_fn as bf
 
@@ -71,7 +72,7 @@ def timed(fn: Callable[[], object], reps: int, comm: MPI.Comm) -> float:
     fn()
     fn()
     times = []
-    for _ in range(reps):
+    for _ in tqdm(range(reps), disable=comm.Get_rank() != 0, leave=False, ncols=90, mininterval=0.5):
         comm.Barrier()
         t0 = time.perf_counter()
         fn()

@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from tqdm import tqdm
 
 import bluefog_fn as bf
 
@@ -76,7 +77,7 @@ def main() -> None:
         for fn, _ in rows.values():  # warm-up: compile kernels, trace plans, fill the pool
             fn()
             fn()
-        for rep in range(args.reps):
+        for rep in tqdm(range(args.reps), desc="repetitions", ncols=90, leave=False):
             for name, (fn, _) in rows.items():
                 if name.startswith("dense") and rep >= 3:
                     continue  # seconds per call; three samples are enough to make the point

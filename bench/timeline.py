@@ -1,13 +1,14 @@
 """What recording a timeline costs per op, measured side by side in one run.
 
     bfrun -np 2 python bench/timeline.py             # the unoversubscribed setting on 2 cores
-    bfrun -np 2 python bench/timeline.py --reps 2000
+    bfrun -np 2 python bench/timeline.py --rounds 40 --block 200
 
 Rows: the cached one-element ``neighbor_mean`` (the op whose fixed cost dominates small
-messages) and ``global_mean``, each timed with the timeline off, on, and off again.  The two
-"off" rows bracket the "on" row: their difference is the run's noise, against which the cost of
-the off path (one attribute check per op) is to be judged.  Times are medians over ``--reps``
-calls after warm-up; the slowest rank's median is reported by rank 0.
+messages) and ``global_mean``, each timed in alternating blocks with the timeline off and on,
+so that both see the same machine load.  The off path costs one attribute check per op; the
+"noise" column (the difference between the off medians of even and of odd rounds) is what any
+cost of it must be judged against.  Times are medians per call; the slowest rank's median is
+reported by rank 0.
 """
 
 from __future__ import annotations
@@ -32,22 +33,43 @@ from bluefog_fn import world
 from bluefog_fn.timeline import Timeline, part_path
 
 
-def timed(fn: Callable[[], object], reps: int, comm: MPI.Comm, label: str) -> float:
-    """Median seconds per call over ``reps`` calls (slowest rank)."""
-    for _ in range(20):
+def compare(fn: Callable[[], object], w: world.World, path: str, rounds: int, block: int, comm: MPI.Comm,
+            bar: tqdm) -> tuple[float, float, float, float]:
+    """Per-call medians with the timeline off and on, in alternating blocks of ``block`` calls
+    (so both see the same machine load); also the medians of the off calls of even and of odd
+    rounds, whose difference is the noise.  Slowest rank's values."""
+    rank, n = comm.Get_rank(), comm.Get_size()
+    for _ in range(50):
         fn()
-    times = []
-    comm.Barrier()
-    for _ in tqdm(range(reps), desc=label, disable=comm.Get_rank() != 0, leave=False):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(comm.allreduce(statistics.median(times), op=MPI.MAX))
+    off: list[list[float]] = []
+    on: list[float] = []
+    for _ in range(rounds):
+        for mode in ("off", "on"):
+            w.timeline = Timeline(path, rank, n) if mode == "on" else None
+            comm.Barrier()
+            times = []
+            for _ in range(block):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+            if w.timeline is not None:
+                w.timeline.close()
+                w.timeline = None
+                on += times
+            else:
+                off.append(times)
+        bar.update(1)
+    flat_off = [t for ts in off for t in ts]
+    even = [t for ts in off[0::2] for t in ts]
+    odd = [t for ts in off[1::2] for t in ts]
+    values = [statistics.median(x) for x in (flat_off, on, even, odd)]
+    return tuple(float(comm.allreduce(v, op=MPI.MAX)) for v in values)  # type: ignore[return-value]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reps", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=20, help="alternations of off and on blocks")
+    parser.add_argument("--block", type=int, default=200, help="calls per block")
     args = parser.parse_args()
     bf.init()
     comm = MPI.COMM_WORLD
@@ -66,24 +88,21 @@ def main() -> None:
     w = world.current()
     directory = tempfile.mkdtemp() if rank == 0 else None
     path = os.path.join(str(comm.bcast(directory, root=0)), "bench.json")
+    cases = [("neighbor_mean 1 float", mix), ("global_mean 1 float", mean)]
     rows = []
-    for label, fn in [("neighbor_mean 1 float", mix), ("global_mean 1 float", mean)]:
-        off1 = timed(fn, args.reps, comm, f"{label} off")
-        w.timeline = Timeline(path, rank, n)
-        on = timed(fn, args.reps, comm, f"{label} on")
-        w.timeline.close()
-        w.timeline = None
-        off2 = timed(fn, args.reps, comm, f"{label} off again")
-        rows.append((label, off1, on, off2))
+    with tqdm(total=args.rounds * len(cases), desc="timeline bench", disable=rank != 0, mininterval=1.0) as bar:
+        for label, fn in cases:
+            rows.append((label, *compare(fn, w, path, args.rounds, args.block, comm, bar)))
     os.remove(part_path(path, rank))
     if rank == 0:
         oversub = "oversubscribed: distorted" if n > (os.cpu_count() or 1) else "not oversubscribed"
-        print(f"timeline cost per call, {n} ranks ({oversub}), median of {args.reps} calls")
-        print(f"{'op':24} {'off us':>8} {'on us':>8} {'off again':>10} {'on - off':>9} {'noise |off-off|':>16}")
-        for label, off1, on, off2 in rows:
-            off = (off1 + off2) / 2
-            print(f"{label:24} {off1 * 1e6:8.1f} {on * 1e6:8.1f} {off2 * 1e6:10.1f} "
-                  f"{(on - off) * 1e6:9.1f} {abs(off1 - off2) * 1e6:16.1f}")
+        calls = args.rounds * args.block
+        print(f"timeline cost per call, {n} ranks ({oversub}), medians of {calls} calls each way, "
+              f"alternating blocks of {args.block}")
+        print(f"{'op':24} {'off us':>8} {'on us':>8} {'on - off':>9} {'on / off':>9} {'noise: off even-odd rounds':>27}")
+        for label, off, on, even, odd in rows:
+            print(f"{label:24} {off * 1e6:8.1f} {on * 1e6:8.1f} {(on - off) * 1e6:9.1f} {on / off:9.2f} "
+                  f"{abs(even - odd) * 1e6:24.1f} us")
 
 
 if __name__ == "__main__":

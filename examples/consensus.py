@@ -16,6 +16,7 @@ import argparse
 import time
 
 import torch
+from tqdm import tqdm
 
 import bluefog_fn as bf
 
@@ -44,7 +45,7 @@ def main() -> None:
     }
     errors: dict[str, list[float]] = {}
     seconds: dict[str, float] = {}
-    for name, topo in topologies.items():
+    for name, topo in tqdm(topologies.items(), desc="topologies", disable=me != 0, ncols=90):
         x = x0
         errs = [consensus_error(x, mean)]
         bf.barrier()

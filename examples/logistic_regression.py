@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import torch
+from tqdm import tqdm
 
 import bluefog_fn as bf
 from bluefog_fn import topology as T
@@ -155,7 +156,7 @@ def main() -> None:
             state = opt.init(x)
             curve = [relative_distance(x, xstar)]
             spent = 0.0
-            for k in range(args.iters):
+            for k in tqdm(range(args.iters), desc=f"{name:>18}", disable=bf.rank() != 0, ncols=90, mininterval=0.5):
                 t0 = time.perf_counter()
                 x, state = opt.step(x, grad(a, y, x, args.lam), state, k)
                 if k > 0:  # step 0 traces the plans: a one-time cost

@@ -30,6 +30,7 @@ matplotlib.use("Agg")  # files only: no display needed
 
 import matplotlib.pyplot as plt
 import torch
+from tqdm import tqdm
 
 import bluefog_fn as bf
 
@@ -72,7 +73,7 @@ def main() -> None:
         x0 = bf.sim.per_agent(
             lambda r: torch.randn(args.dim, generator=torch.Generator().manual_seed(bf.sim.agent_seed(args.seed, r)), dtype=torch.float64) + r
         )
-        for name, topo in topologies.items():
+        for name, topo in tqdm(topologies.items(), desc="topologies", ncols=90):
             x = x0
             errs = [consensus_error(x)]
             t0 = time.perf_counter()

@@ -2,6 +2,7 @@
 
     bfrun -np 4 python examples/train_digits.py
     bfrun -np 4 python examples/train_digits.py --non-iid --epochs 15
+    bfrun -np 4 --timeline digits.json python examples/train_digits.py --epochs 1   # open in Perfetto
     python examples/train_digits.py --algorithms allreduce,atc          # one process
 
 The 1,797 8×8 digit images bundled with scikit-learn (no download) are split 70/30 into train and
@@ -129,8 +130,10 @@ def train(name: str, args: argparse.Namespace, data: tuple[torch.Tensor, ...]) -
         t0 = time.perf_counter()
         for s in range(steps_per_epoch):
             batch = order[s * args.batch_size : (s + 1) * args.batch_size]
-            grads = grad_fn(params, x_train[batch], y_train[batch])
-            params, state = opt.step(params, grads, state, step)
+            with bf.timeline.activity("gradient"):  # shown by `bfrun --timeline out.json`
+                grads = grad_fn(params, x_train[batch], y_train[batch])
+            with bf.timeline.activity("optimizer step"):
+                params, state = opt.step(params, grads, state, step)
             step += 1
         bf.barrier()
         elapsed += time.perf_counter() - t0
