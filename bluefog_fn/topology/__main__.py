@@ -5,7 +5,8 @@
     python -m bluefog_fn.topology one_peer_exponential_two 8 --step 2 --png step2.png
     python -m bluefog_fn.topology --list
 
-NAME is any public constructor of ``bf.topology`` whose first argument is the number of agents;
+NAME is any public constructor of ``bf.topology`` whose first argument is the number of agents
+(or of machines);
 ``--arg KEY=VALUE`` passes its other arguments (integers).  ``--png`` also draws it
 (:func:`bluefog_fn.topology.draw`, needs matplotlib).
 """
@@ -23,14 +24,14 @@ from bluefog_fn.topology.graph import DynamicTopology, Topology
 
 
 def constructors() -> dict[str, Callable[..., Any]]:
-    """The public constructors of ``bf.topology`` taking the number of agents ``n`` first."""
+    """The public constructors of ``bf.topology`` taking the number of agents (or machines) first."""
     found: dict[str, Callable[..., Any]] = {}
     for name in topology_module.__all__:
         obj = getattr(topology_module, name)
         if not inspect.isfunction(obj):
             continue
         params = list(inspect.signature(obj).parameters)
-        if params and params[0] == "n":
+        if params and params[0] in ("n", "n_machines"):
             found[name] = obj
     return found
 
