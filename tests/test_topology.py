@@ -679,6 +679,7 @@ def test_public_names() -> None:
         "DynamicTopology",
         "Topology",
         "base_graph",
+        "draw",
         "exponential",
         "exponential_two",
         "from_matrix",
