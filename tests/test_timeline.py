@@ -93,10 +93,11 @@ def test_every_op_records_its_phases_in_order(recording: Timeline) -> None:
     events = load(recording.path)
     found = ops_with_phases(events, 0)
     names = [op["name"] for op, _ in found]
-    assert sorted(names) == sorted([
+    assert sorted(n for n in names if not n.startswith("Window.")) == sorted([
         "neighbor_mean", "neighbor_gather", "global_mean", "global_sum", "broadcast", "allgather", "barrier",
-        "neighbor_mean", "neighbor_mean.backward", "Window.put", "Window.update",
+        "neighbor_mean", "neighbor_mean.backward",
     ])
+    assert {"Window.put", "Window.update"} <= set(names)
     for op, phases in found:
         if op["name"].startswith("Window."):
             continue

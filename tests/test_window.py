@@ -583,6 +583,7 @@ def test_window_ops_record_timeline_events(tmp_path: Any) -> None:
     import json
 
     from bluefog_fn.timeline import Timeline
+    from bluefog_fn.timeline_merge import merge
     from bluefog_fn.world import current
 
     world = current()
@@ -596,6 +597,7 @@ def test_window_ops_record_timeline_events(tmp_path: Any) -> None:
                 win.collect()
         assert world.timeline is not None
         world.timeline.close()
+        merge(world.timeline.path)  # per-rank files -> the one trace (what bfrun does at the end)
         with open(world.timeline.path) as f:
             names = [e["name"] for e in json.load(f)["traceEvents"]]
     finally:
