@@ -32,7 +32,7 @@ from .plan import (
     make_tag,
 )
 from .topology import DynamicTopology, Topology
-from .tracing import _shared_key, check_step
+from .tracing import _shared_key, check_step, graph_weights
 from .tree import Flat
 from .world import World
 
@@ -194,21 +194,9 @@ def machine_weights(
         return sw, src, tuple(sorted(dst))
     if graph is None:
         raise ValueError(f"{fn}: machine_topology is None; pass one or all of self_weight, src_machine_weights, dst_machine_weights")
-    sends = tuple((d, 1.0) for d in graph.out_neighbors(machine))
-    in_weights = graph.recv_weights(machine)
-    if src is None:
-        recvs = tuple(sorted(in_weights.items()))
-    else:
-        extra = sorted(set(dict(src)) - set(in_weights))
-        if extra:
-            raise ValueError(
-                f"{fn}: src_machine_weights names machine(s) {extra} that are not in-neighbours of "
-                f"machine {machine} (in-neighbours: {sorted(in_weights)}); pass dst_machine_weights to "
-                "change the graph"
-            )
-        given = dict(src)
-        recvs = tuple((j, given.get(j, 0.0)) for j in sorted(in_weights))
-    return (graph.self_weight(machine) if sw is None else sw), recvs, sends
+    return graph_weights(
+        fn, graph, machine, sw, src, node_word="machine", src_arg="src_machine_weights", dst_arg="dst_machine_weights"
+    )
 
 
 # ---------------------------------------------------------------------------------------------

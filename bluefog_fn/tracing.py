@@ -80,20 +80,38 @@ def mixing_weights(
         return sw, src, dst
     if graph is None:
         raise ValueError(f"{fn}: topology is None; pass a topology or both src_weights and dst_weights")
-    sends = tuple((d, 1.0) for d in graph.out_neighbors(rank))
-    in_weights = graph.recv_weights(rank)
+    return graph_weights(fn, graph, rank, sw, src)
+
+
+def graph_weights(
+    fn: str,
+    graph: Topology,
+    node: int,
+    self_weight: float | None,
+    src: tuple[tuple[int, float], ...] | None,
+    *,
+    node_word: str = "rank",
+    src_arg: str = "src_weights",
+    dst_arg: str = "dst_weights",
+) -> tuple[float, tuple[tuple[int, float], ...], tuple[tuple[int, float], ...]]:
+    """``(self_weight, recvs, sends)`` of ``node`` on ``graph``, with BlueFog's reweighting:
+    ``src`` (canonical ``(node, weight)`` pairs) reweights the in-neighbours, one left out gets
+    weight 0 and a node that is not an in-neighbour is an error naming ``src_arg``.  Shared by
+    rank graphs and machine graphs (``node_word``/``*_arg`` only change the error's words)."""
+    sends = tuple((d, 1.0) for d in graph.out_neighbors(node))
+    in_weights = graph.recv_weights(node)
     if src is None:
         recvs = tuple(sorted(in_weights.items()))
     else:
         extra = sorted(set(dict(src)) - set(in_weights))
         if extra:
             raise ValueError(
-                f"{fn}: src_weights names rank(s) {extra} that are not in-neighbours of rank {rank} "
-                f"(in-neighbours: {sorted(in_weights)}); pass dst_weights to change the graph"
+                f"{fn}: {src_arg} names {node_word}(s) {extra} that are not in-neighbours of {node_word} {node} "
+                f"(in-neighbours: {sorted(in_weights)}); pass {dst_arg} to change the graph"
             )
         given = dict(src)
         recvs = tuple((j, given.get(j, 0.0)) for j in sorted(in_weights))
-    return (graph.self_weight(rank) if sw is None else sw), recvs, sends
+    return (graph.self_weight(node) if self_weight is None else self_weight), recvs, sends
 
 
 def _shared_key(flat: Flat) -> tuple[Any, ...]:
