@@ -35,26 +35,7 @@ from ..topology import DynamicTopology, Topology
 from ..tree import Flat, flatten
 from ..world import World, current
 from .handle import Handle, tracked
-from .neighbor import _check_floating, _is_transformed
-
-
-class _StagedFunction(torch.autograd.Function):
-    """Makes a staged call differentiable: backward runs the reversed pipeline.
-
-    ``setup_context`` style, so ``torch.func.grad`` composes with it (as ``neighbor_mean``).
-    """
-
-    @staticmethod
-    def forward(run: _StagedRun, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(run.forward(tensors))
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-        ctx.run = inputs[0]
-
-    @staticmethod
-    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:
-        return (None, *ctx.run.backward(grads))
+from .neighbor import _check_floating, _is_transformed, _RunFunction
 
 
 class _StagedRun:
@@ -141,7 +122,7 @@ class _StagedRun:
         ]
         back = _StagedRun(self.world, self.plan.reversed(), full, defer=True)
         if torch.is_grad_enabled() or _is_transformed(full):
-            return tuple(_StagedFunction.apply(back, *full))  # type: ignore[no-untyped-call]
+            return tuple(_RunFunction.apply(back, *full))  # type: ignore[no-untyped-call]
         return tuple(back.forward(full))
 
 
@@ -162,7 +143,7 @@ def _run(world: World, fn: str, flat: Flat, plan: StagedPlan, per_call_graph: bo
     run = _StagedRun(world, plan, tensors, defer=transformed)
 
     def finish() -> Any:
-        outs = _StagedFunction.apply(run, *tensors) if differentiable else run.forward(tensors)  # type: ignore[no-untyped-call]
+        outs = _RunFunction.apply(run, *tensors) if differentiable else run.forward(tensors)  # type: ignore[no-untyped-call]
         return flat.unflatten(list(outs))
 
     return tracked(world, fn, finish, run.done)

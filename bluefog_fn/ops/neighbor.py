@@ -7,7 +7,7 @@ are executed for all agents at once by :mod:`bluefog_fn.sim`.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -41,15 +41,24 @@ def _is_transformed(tensors: Sequence[torch.Tensor]) -> bool:
     return any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
 
-class _MixFunction(torch.autograd.Function):
-    """Makes a mix differentiable: backward is the exchange along reversed edges (Wᵀ).
+class _Run(Protocol):
+    """A call in flight that an autograd Function can finish and differentiate."""
+
+    def forward(self, tensors: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]: ...
+
+    def backward(self, grads: Sequence[torch.Tensor | None]) -> tuple[torch.Tensor, ...]: ...
+
+
+class _RunFunction(torch.autograd.Function):
+    """Makes a call differentiable: ``run.forward`` computes it, ``run.backward`` is its adjoint
+    (for a mix the exchange along reversed edges, Wᵀ; for a staged call the reversed pipeline).
 
     Written in the ``setup_context`` style so that ``torch.func.grad`` composes with it: under a
     transform ``forward`` receives the unwrapped tensors, which is when the exchange is posted.
     """
 
     @staticmethod
-    def forward(run: _MixRun, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(run: _Run, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(run.forward(tensors))
 
     @staticmethod
@@ -114,7 +123,7 @@ class _MixRun:
         span = None if timeline is None else timeline.begin(f"{self.plan.op}.backward")
         back = _MixRun(self.world, self.plan.reversed(), full, defer=True, call=call, step=self.step, span=span)
         if torch.is_grad_enabled() or _is_transformed(full):
-            out = tuple(_MixFunction.apply(back, *full))  # type: ignore[no-untyped-call]
+            out = tuple(_RunFunction.apply(back, *full))  # type: ignore[no-untyped-call]
         else:
             out = tuple(back.forward(full))
         if span is not None:
@@ -172,7 +181,7 @@ def neighbor_mean_async(
     run = _MixRun(world, plan, tensors, defer=transformed, call=call, step=step, span=span)
 
     def finish() -> Any:
-        outs = _MixFunction.apply(run, *tensors) if differentiable else run.forward(tensors)  # type: ignore[no-untyped-call]
+        outs = _RunFunction.apply(run, *tensors) if differentiable else run.forward(tensors)  # type: ignore[no-untyped-call]
         result = flat.unflatten(list(outs))
         if span is not None:
             span.phase("unpack")
