@@ -33,6 +33,8 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -228,11 +230,75 @@ def hierarchical_payload(
     return rows
 
 
+def tiny_costs(comm: MPI.Comm, topo: bf.topology.DynamicTopology, reps: int) -> tuple[float, float]:
+    """Seconds per call of a cached one-element ``neighbor_mean`` and of the raw floor (one-element
+    ``Sendrecv`` with the same peer + average), each the median over rounds of 200 calls."""
+    rank, n = comm.Get_rank(), comm.Get_size()
+    tiny = {"x": torch.ones(1)}
+    one = np.ones(1, dtype=np.float32)
+    one_r = np.empty_like(one)
+    one_o = np.empty_like(one)
+    st = {"step": 0}
+
+    def bf_tiny() -> None:
+        st["step"] += 1
+        bf.neighbor_mean(tiny, topo, st["step"])
+
+    def floor_tiny() -> None:
+        st["step"] += 1
+        k = 1 << (st["step"] % topo.period)
+        if n > 1:
+            comm.Sendrecv(one, dest=(rank + k) % n, recvbuf=one_r, source=(rank - k) % n)
+        else:
+            np.copyto(one_r, one)
+        np.add(one, one_r, out=one_o)
+        np.multiply(one_o, 0.5, out=one_o)
+
+    def per_call(fn: Callable[[], None]) -> float:
+        for _ in range(200):
+            fn()
+        rounds = []
+        for _ in range(max(reps, 15)):
+            comm.Barrier()
+            t0 = time.perf_counter()
+            for _ in range(200):
+                fn()
+            rounds.append((time.perf_counter() - t0) / 200)
+        return float(comm.allreduce(statistics.median(rounds), op=MPI.MAX))
+
+    # Interleaved, so that both see the same machine load.
+    bf_times, floor_times = [], []
+    for _ in range(3):
+        bf_times.append(per_call(bf_tiny))
+        floor_times.append(per_call(floor_tiny))
+    return min(bf_times), min(floor_times)
+
+
+def world_of_one_cost() -> float:
+    """Seconds per cached one-element ``neighbor_mean`` in a world of one (a fresh process
+    without the MPI launcher's environment)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "PMIX_", "OMPI_", "MPI_", "HYDRA_", "BLUEFOG_FN_JOB"))}
+    code = (
+        "import time, torch, bluefog_fn as bf\n"
+        "t = {'x': torch.ones(1)}; topo = bf.topology.ring(1)\n"
+        "for _ in range(500): bf.neighbor_mean(t, topo, 0)\n"
+        "best = 1.0\n"
+        "for _ in range(20):\n"
+        "    t0 = time.perf_counter()\n"
+        "    for _ in range(500): bf.neighbor_mean(t, topo, 0)\n"
+        "    best = min(best, (time.perf_counter() - t0) / 500)\n"
+        "print(best)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--port", type=int, default=29533)
     parser.add_argument("--hierarchical", action="store_true", help="hierarchical vs flat rows only")
+    parser.add_argument("--tiny", action="store_true", help="the one-element per-call rows only")
     args = parser.parse_args()
 
     bf.init()
@@ -245,6 +311,13 @@ def main() -> None:
             "resnet50 (161 leaves, 25.6M f32)": [torch.randn(s, generator=gen) for s in resnet50_shapes()],
             "one tensor (1M f32)": [torch.randn(1_000_000, generator=gen)],
         }, args.reps)
+        return
+    if args.tiny:
+        t_bf, t_floor = tiny_costs(comm, topo, args.reps)
+        if rank == 0:
+            alone = world_of_one_cost()
+            print(f"one-element tree, cached plan, {n} ranks: bf {t_bf * 1e6:.1f} us per call, floor (Sendrecv + "
+                  f"average) {t_floor * 1e6:.1f} us: {t_bf / t_floor:.1f}x floor; world of one: {alone * 1e6:.1f} us per call")
         return
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(args.port))
@@ -259,33 +332,16 @@ def main() -> None:
     for name, leaves in payloads.items():
         rows += measure(name, leaves, topo, comm, args.reps)
 
-    # Per-call overhead of a cached plan on a one-element tree, against a one-element Sendrecv.
-    tiny = {"x": torch.ones(1)}
-    one = np.ones(1, dtype=np.float32)
-    one_r = np.empty_like(one)
-    st = {"step": 0}
-
-    def bf_tiny() -> None:
-        st["step"] += 1
-        bf.neighbor_mean(tiny, topo, st["step"])
-
-    def floor_tiny() -> None:
-        st["step"] += 1
-        if n > 1:
-            k = 1 << (st["step"] % topo.period)
-            comm.Sendrecv(one, dest=(rank + k) % n, recvbuf=one_r, source=(rank - k) % n)
-
-    reps = max(args.reps * 40, 200)
-    t_bf = timed(bf_tiny, reps, comm)
-    t_floor = timed(floor_tiny, reps, comm)
+    t_bf, t_floor = tiny_costs(comm, topo, args.reps)
     dist.destroy_process_group()
     if rank == 0:
         print(f"\nneighbor_mean benchmark, {n} ranks ({'oversubscribed: distorted' if n > (os.cpu_count() or 1) else 'not oversubscribed'})")
         print(f"{'payload':34} {'method':34} {'ms':>9} {'x floor':>8}")
         for name, label, t, ratio in rows:
             print(f"{name:34} {label:34} {t * 1e3:9.2f} {ratio:8.2f}")
-        print(f"\none-element tree: bf {t_bf * 1e6:.1f} us, floor {t_floor * 1e6:.1f} us, "
-              f"overhead {(t_bf - t_floor) * 1e6:.1f} us per call")
+        alone = world_of_one_cost()
+        print(f"\none-element tree, cached plan: bf {t_bf * 1e6:.1f} us per call, floor (Sendrecv + average) "
+              f"{t_floor * 1e6:.1f} us: {t_bf / t_floor:.1f}x floor; world of one: {alone * 1e6:.1f} us per call")
         print(f"plan cache: {bf.plan_cache_info()}")
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from .backend.errors import CallMismatchError, MismatchError
+from .backend.transport import Transport
 from .call_order import explain
 from .plan import CommPlan
 from .world import World
@@ -39,7 +40,7 @@ def agreement_key(plan: CommPlan, per_call_graph: bool) -> Any:
 
 
 def agree(
-    world: World, fn: str, plan: CommPlan, *, per_call_graph: bool = False, dim0_free: bool = False,
+    world: World, transport: Transport, fn: str, plan: CommPlan, *, per_call_graph: bool = False, dim0_free: bool = False,
     step: int | None = None,
     graph: object = None,
 ) -> int | None:
@@ -50,11 +51,11 @@ def agree(
     ``per_call_graph``: agree on every call (windows, whose creation is rare and collective);
     neighbour ops with ``dst_weights`` need not — their peers check each call.
     """
-    if world.size == 1 or world.transport is None:
+    if world.size == 1:
         return None
     call = world.calls.begin(fn, step, graph)
     try:
-        world.transport.begin_call(call, world.calls.floor())
+        transport.begin_call(call, world.calls.floor())
     except CallMismatchError as exc:
         raise explain(world.calls, world.rank, fn, exc) from None
     key = agreement_key(plan, per_call_graph)
@@ -70,7 +71,7 @@ def agree(
         "recvs": tuple(s for s, _ in plan.recvs),
     }
     at = "" if step is None else f"step {step}, "
-    everyone = world.transport.allgather_object(mine, f"{fn} ({at}agreement)")
+    everyone = transport.allgather_object(mine, f"{fn} ({at}agreement)")
     _check(fn, everyone)
     if key is not None:
         world.agreed.add(key)

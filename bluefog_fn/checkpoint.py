@@ -229,7 +229,5 @@ def consensus(tree: Any) -> Any:
         [1.5]
     """
     flatten(tree, "checkpoint.consensus")
-    mean = global_mean(tree)
-    if not current().simulated:
-        return mean
-    return pytree.tree_map(lambda x: None if x is None else x[0].clone(), mean)
+    world = current()
+    return world.executor.one_agent(world, global_mean(tree))

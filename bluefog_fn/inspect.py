@@ -51,12 +51,8 @@ def trace(
     """
     name = _op_name(op)
     world = current()
-    flat = flatten(tree, "trace")
-    if world.simulated:
-        # Leaves carry the agent dimension in a simulated world; a plan describes one agent.
-        from .sim import strip_agent_dim
-
-        flat = strip_agent_dim(flat, world.size)
+    # A plan describes one agent (a simulated world's leaves carry the agent dimension).
+    flat = world.executor.agent_view(world, flatten(tree, "trace"), "trace")
     who = world.rank if rank is None else rank
     if not 0 <= who < world.size:
         raise ValueError(f"trace: rank {who} is out of range for a world of {world.size} ranks")
@@ -94,3 +90,4 @@ def plan_cache_clear() -> None:
     world = current()
     world.plans.clear()
     world.agreed.clear()
+    world.executor.clear()

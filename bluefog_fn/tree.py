@@ -67,6 +67,11 @@ class Flat:
         self.key: tuple[Any, ...] = (spec, tuple((t.shape, t.dtype, t.device) for t in tensors))
         self._metas: tuple[LeafMeta, ...] | None = None
 
+    @property
+    def tree(self) -> Any:
+        """The tree this was flattened from."""
+        return self._tree
+
     def path(self, i: int) -> str:
         """Key path of the i-th tensor leaf, e.g. ``['layer'][0].weight``."""
         return _paths(self._tree, self.spec)[self.positions[i]]

@@ -20,15 +20,16 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from .backend.local import LocalTransport
-from .backend.transport import Transport
 from .call_order import CallOrder
 from .execute import Resources
 from .log import get_logger
 from .plan_cache import AgreedSet, PlanCache
 from .timeline import Timeline, from_env
+
+if TYPE_CHECKING:
+    from .executors.base import Executor
 
 BackendName = Literal["auto", "local", "mpi"]
 
@@ -46,7 +47,8 @@ class World:
     local_size: int
     machine_rank: int
     machine_size: int
-    transport: Transport | None
+    # How ops run here (one executor per kind of world: process or simulated).
+    executor: Executor
     plans: PlanCache = field(default_factory=PlanCache)
     # Call patterns every rank has agreed on, so agreement runs once per pattern.
     agreed: AgreedSet = field(default_factory=AgreedSet)
@@ -64,10 +66,6 @@ class World:
     # hierarchical ops refuse to run otherwise.  The same on every rank (computed from all ranks).
     homogeneity: str | None = None
 
-    @property
-    def simulated(self) -> bool:
-        """True inside ``bf.simulate(n)``: leaves carry a leading agent dimension."""
-        return self.backend == "sim"
 
 
 class _Context:
@@ -111,7 +109,11 @@ def _under_mpiexec() -> bool:
 
 
 def _make_local() -> World:
-    return World("local", 0, 1, 0, 1, 0, 1, LocalTransport(), timeline=from_env(0, 1, merge_on_close=True))
+    from .backend.local import LocalTransport
+    from .executors.process import ProcessExecutor
+
+    executor = ProcessExecutor("local", LocalTransport())
+    return World("local", 0, 1, 0, 1, 0, 1, executor, timeline=from_env(0, 1, merge_on_close=True))
 
 
 def _make_mpi() -> World:
@@ -133,11 +135,12 @@ def _make_mpi() -> World:
         local_rank, local_size, machine_rank, machine_size = mpi.node_layout(transport.comm, init_timeout)
     else:
         local_rank, local_size, machine_rank, machine_size = rank % k, k, rank // k, size // k
+    from .executors.process import ProcessExecutor
     from .hierarchy import homogeneity_problem
 
     layouts = transport.allgather_object((local_rank, local_size, machine_rank))
     world = World(
-        "mpi", rank, size, local_rank, local_size, machine_rank, machine_size, transport,
+        "mpi", rank, size, local_rank, local_size, machine_rank, machine_size, ProcessExecutor("mpi", transport),
         timeline=from_env(rank, size), homogeneity=homogeneity_problem(layouts),
     )
     _warn_about(world, transport.thread_level, local_size if k is None else None)
@@ -229,8 +232,7 @@ def shutdown() -> None:
 def _close(process: World) -> None:
     _CONTEXT.stack.clear()  # first: a failing close leaves no half-closed world behind
     try:
-        if process.transport is not None:
-            process.transport.close()
+        process.executor.close()
     finally:
         if process.timeline is not None:
             process.timeline.close()

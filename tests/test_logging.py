@@ -57,8 +57,8 @@ def test_oversubscription_is_warned_once_per_machine(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(world, "_cpu_count", lambda: 2)
-    w0 = world.World("mpi", 0, 4, 0, 4, 0, 1, None)
-    w1 = world.World("mpi", 1, 4, 1, 4, 0, 1, None)
+    w0 = world.World("mpi", 0, 4, 0, 4, 0, 1, None)  # type: ignore[arg-type]  # no executor needed
+    w1 = world.World("mpi", 1, 4, 1, 4, 0, 1, None)  # type: ignore[arg-type]
     with caplog.at_level(logging.INFO, logger="bluefog_fn"):
         world._warn_about(w0, "serialized", 4)
         world._warn_about(w1, "serialized", 4)

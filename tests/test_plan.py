@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 import bluefog_fn as bf
 from bluefog_fn import topology as T
 from bluefog_fn.plan import SEGMENT_MIN_BYTES, build_layout
+from bluefog_fn.sim.executor import SimExecutor
 from bluefog_fn.tracing import check_step, mixing_weights, trace_mix
 from bluefog_fn.tree import flatten
 from bluefog_fn.world import World
@@ -53,7 +54,7 @@ def test_layout_groups_dtypes_in_first_appearance_order() -> None:
 
 def test_plan_is_frozen_printable_and_reports_bytes() -> None:
     # A detached world of 4 ranks: tracing needs only the world's size and plan cache.
-    world = World("sim", 0, 4, 0, 4, 0, 1, None)
+    world = World("sim", 0, 4, 0, 4, 0, 1, SimExecutor())
     tree = {"w": torch.zeros(10, 10), "b": torch.zeros(10, dtype=torch.float64)}
     plan = trace_mix(world, "neighbor_mean", flatten(tree, "t"), T.ring(4), 0, 1)
     assert plan.recvs == ((0, pytest.approx(1 / 3)), (2, pytest.approx(1 / 3)))

@@ -2,7 +2,8 @@
 
 Both are pipelines of point-to-point stages through each machine's leader (its local rank 0),
 planned by :mod:`bluefog_fn.hierarchy` and executed stage by stage by
-:class:`~bluefog_fn.execute.Exchange` over the world transport (no sub-communicators):
+:class:`~bluefog_fn.execute.Exchange` over the world transport (no sub-communicators;
+:mod:`bluefog_fn.executors.runs`):
 
 * ``local_mean``: ``local_reduce`` (the leader combines ``(1/L) Σ_l x_l``) → ``local_broadcast``;
 * ``hierarchical_neighbor_mean``: ``local_reduce`` → ``machine_exchange`` (leaders mix the
@@ -14,139 +15,14 @@ Differentiable: backward runs the reversed pipeline (:meth:`StagedPlan.reversed`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
-import torch
-
-from ..agreement import agree
-from ..execute import Exchange
-from ..hierarchy import (
-    MachineDsts,
-    MachineWeights,
-    StagedPlan,
-    check_layout,
-    machine_graph,
-    machine_weights,
-    trace_staged,
-)
-from ..plan import CommPlan
+from ..hierarchy import MachineDsts, MachineWeights, check_layout, machine_graph
 from ..topology import DynamicTopology, Topology
-from ..tree import Flat, flatten
-from ..world import World, current
-from .handle import Handle, tracked
-from .neighbor import _check_floating, _is_transformed, _RunFunction
-
-
-class _StagedRun:
-    """One staged call on a process world, possibly in flight.
-
-    Started at construction (unless the tensors are wrapped by a ``torch.func`` transform): the
-    local reduction is posted and, on a leader with a machine exchange to do, completed and the
-    exchange posted, so that the inter-machine traffic overlaps the caller's work until
-    ``forward`` (``wait()``) finishes the exchange and broadcasts.
-    """
-
-    def __init__(self, world: World, plan: StagedPlan, tensors: Sequence[torch.Tensor], *, defer: bool) -> None:
-        self.world = world
-        self.plan = plan
-        self.stage = 0  # the next stage to complete
-        self.current: list[torch.Tensor] = []  # the leader's value after the completed stages
-        self.exchange: Exchange | None = None  # the stage in flight
-        self.started = False
-        if not defer:
-            self._start(tensors)
-
-    def _post(self, plan: CommPlan, tensors: Sequence[torch.Tensor]) -> Exchange:
-        assert self.world.transport is not None
-        return Exchange(self.world.transport, self.world.resources, plan, tensors)
-
-    def _start(self, tensors: Sequence[torch.Tensor]) -> None:
-        self.started = True
-        self.inputs = list(tensors)
-        self.exchange = self._post(self.plan.stages[0], tensors)
-        if self.plan.is_leader and len(self.plan.stages) == 3:
-            self._complete()
-            self.exchange = self._post(self.plan.stages[1], self.current)
-
-    def _complete(self) -> None:
-        """Finish the stage in flight on this rank."""
-        exchange, self.exchange = self.exchange, None
-        assert exchange is not None
-        if self.plan.is_leader:
-            self.current = exchange.mix()
-        else:
-            exchange.gathered()  # a follower only sent: nothing to combine
-        self.stage += 1
-
-    def done(self) -> bool:
-        return self.exchange is None or self.exchange.done()
-
-    def forward(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        if not self.started:
-            self._start(tensors)
-        plan = self.plan
-        last = len(plan.stages) - 1
-        while self.stage < last:
-            if self.exchange is None:  # a follower has nothing to do in the machine exchange
-                if plan.is_leader:
-                    self.exchange = self._post(plan.stages[self.stage], self.current)
-                else:
-                    self.stage += 1
-                    continue
-            self._complete()
-        bcast = plan.stages[last]
-        if plan.is_leader:
-            exchange = self._post(bcast, self.current)
-            if bcast.self_weight == 1.0:
-                exchange.gathered()  # sends done; the value is already a fresh buffer of ours
-                out = self.current
-            else:
-                out = exchange.mix()
-        else:
-            # Followers take the leader's value; the tensors only shape the (unused) send side.
-            exchange = self._post(bcast, self.inputs)
-            (source, weight), = bcast.recvs
-            out = exchange.gathered()[source]
-            if weight != 1.0:
-                out = [t * weight for t in out]
-        self.current = []
-        self.inputs = []
-        return out
-
-    def backward(self, grads: Sequence[torch.Tensor | None]) -> tuple[torch.Tensor, ...]:
-        """The reversed pipeline on ``grads`` (itself differentiable: double backward works)."""
-        full = [
-            torch.zeros(shape, dtype=dtype) if g is None else g
-            for g, (shape, dtype) in zip(grads, _slots(self.plan.stages[0]), strict=True)
-        ]
-        back = _StagedRun(self.world, self.plan.reversed(), full, defer=True)
-        if torch.is_grad_enabled() or _is_transformed(full):
-            return tuple(_RunFunction.apply(back, *full))  # type: ignore[no-untyped-call]
-        return tuple(back.forward(full))
-
-
-def _slots(plan: CommPlan) -> list[tuple[tuple[int, ...], torch.dtype]]:
-    slots: list[tuple[tuple[int, ...], torch.dtype] | None] = [None] * plan.layout.n_tensors
-    for g in plan.layout.groups:
-        for s in g.slots:
-            slots[s.leaf] = (s.shape, g.dtype)
-    return slots  # type: ignore[return-value]
-
-
-def _run(world: World, fn: str, flat: Flat, plan: StagedPlan, per_call_graph: bool) -> Handle[Any]:
-    for stage in plan.stages:
-        agree(world, fn, stage, per_call_graph=per_call_graph and stage.op == "machine_exchange")
-    tensors = flat.tensors
-    transformed = _is_transformed(tensors)
-    differentiable = transformed or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-    run = _StagedRun(world, plan, tensors, defer=transformed)
-
-    def finish() -> Any:
-        outs = _RunFunction.apply(run, *tensors) if differentiable else run.forward(tensors)  # type: ignore[no-untyped-call]
-        return flat.unflatten(list(outs))
-
-    return tracked(world, fn, finish, run.done)
+from ..tree import flatten
+from ..world import current
+from .handle import Handle
+from .neighbor import _check_floating
 
 
 def local_mean_async(tree: Any) -> Handle[Any]:
@@ -162,12 +38,7 @@ def local_mean_async(tree: Any) -> Handle[Any]:
     flat = flatten(tree, fn)
     _check_floating(fn, flat)
     check_layout(fn, world)
-    if world.simulated:
-        from ..sim import staged_sim
-
-        return staged_sim(world, fn, flat)
-    plan = trace_staged(world, fn, flat, world.rank)
-    return _run(world, fn, flat, plan, per_call_graph=False)
+    return world.executor.staged(world, fn, flat)
 
 
 def local_mean(tree: Any) -> Any:
@@ -215,25 +86,10 @@ def hierarchical_neighbor_mean_async(
     flat = flatten(tree, fn)
     _check_floating(fn, flat)
     step, graph, topology = machine_graph(fn, world, machine_topology, step, dst_machine_weights is not None)
-    per_call = dst_machine_weights is not None
-    overrides = self_weight is not None or src_machine_weights is not None or per_call
-    if world.simulated:
-        from ..sim import staged_sim
-
-        return staged_sim(
-            world, fn, flat, graph=graph, topology=topology, step=step, self_weight=self_weight,
-            src_machine_weights=src_machine_weights, dst_machine_weights=dst_machine_weights,
-        )
-    weights = None
-    if overrides:
-        weights = machine_weights(
-            fn, graph, world.machine_rank, world.machine_size, self_weight, src_machine_weights, dst_machine_weights
-        )
-    plan = trace_staged(
-        world, fn, flat, world.rank, exchange=True, graph=graph, topology=topology, step=step,
-        weights=weights, per_call_graph=per_call,
+    return world.executor.staged(
+        world, fn, flat, graph=graph, topology=topology, step=step, self_weight=self_weight,
+        src_machine_weights=src_machine_weights, dst_machine_weights=dst_machine_weights,
     )
-    return _run(world, fn, flat, plan, per_call_graph=per_call)
 
 
 def hierarchical_neighbor_mean(

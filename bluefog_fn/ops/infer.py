@@ -14,9 +14,6 @@ import numbers
 from collections.abc import Sequence
 from typing import Any, TypeAlias
 
-import numpy as np
-
-from ..backend.errors import MismatchError
 from ..world import current
 
 __all__ = ["infer_destinations", "infer_sources"]
@@ -25,10 +22,10 @@ Inferred: TypeAlias = tuple[int, ...] | list[tuple[int, ...]]
 """One rank's answer, or (in a simulated world) every agent's."""
 
 # Sent ahead of the lists so that a rank calling the other function is reported, not mixed in.
-_OP_CODE = {"infer_sources": 1, "infer_destinations": 2}
+OP_CODE = {"infer_sources": 1, "infer_destinations": 2}
 
 
-def _canonical(fn: str, arg: str, ranks: object, rank: int, size: int) -> tuple[int, ...]:
+def canonical(fn: str, arg: str, ranks: object, rank: int, size: int) -> tuple[int, ...]:
     """``ranks`` as a sorted tuple of distinct ints in ``[0, size)`` other than ``rank``."""
     if isinstance(ranks, (str, bytes)) or not isinstance(ranks, Sequence):
         raise TypeError(f"{fn}: {arg} must be a list of ranks, got {type(ranks).__name__} {ranks!r}")
@@ -48,7 +45,7 @@ def _canonical(fn: str, arg: str, ranks: object, rank: int, size: int) -> tuple[
     return tuple(sorted(out))
 
 
-def _invert(lists: Sequence[tuple[int, ...]]) -> list[tuple[int, ...]]:
+def invert(lists: Sequence[tuple[int, ...]]) -> list[tuple[int, ...]]:
     """``out[j]`` = the ranks ``i`` (sorted) whose list holds ``j``."""
     out: list[list[int]] = [[] for _ in lists]
     for i, targets in enumerate(lists):
@@ -59,31 +56,18 @@ def _invert(lists: Sequence[tuple[int, ...]]) -> list[tuple[int, ...]]:
 
 def _infer(fn: str, arg: str, ranks: Any) -> Inferred:
     world = current()
-    n = world.size
-    if world.simulated:
-        if isinstance(ranks, (str, bytes)) or not isinstance(ranks, Sequence) or len(ranks) != n:
-            raise ValueError(
-                f"{fn}: inside bf.simulate({n}) {arg} must be a list of {n} lists, one per agent, "
-                f"got {ranks!r}"
-            )
-        per_agent = [_canonical(fn, f"{arg}[{i}]", r, i, n) for i, r in enumerate(ranks)]
-        return _invert(per_agent)
-    mine = _canonical(fn, arg, ranks, world.rank, n)
-    if n == 1 or world.transport is None:
-        return ()
-    header = np.array([_OP_CODE[fn], len(mine)], dtype=np.int64)
-    headers = np.empty(2 * n, dtype=np.int64)
-    world.transport.allgatherv(header, headers, [2] * n, fn).wait()
-    codes, degrees = headers[0::2], headers[1::2]
-    for r in range(n):
-        if codes[r] != _OP_CODE[fn]:
-            other = {code: name for name, code in _OP_CODE.items()}.get(int(codes[r]), "another collective")
-            raise MismatchError(f"{fn}: rank {world.rank} called {fn} but rank {r} called {other}")
-    flat = np.empty(int(degrees.sum()), dtype=np.int64)
-    world.transport.allgatherv(np.array(mine, dtype=np.int64), flat, [int(d) for d in degrees], fn).wait()
-    bounds = np.concatenate([[0], np.cumsum(degrees)])
-    lists = [tuple(int(v) for v in flat[bounds[r] : bounds[r + 1]]) for r in range(n)]
-    return _invert(lists)[world.rank]
+    return world.executor.infer(world, fn, arg, ranks)  # type: ignore[no-any-return]
+
+
+def simulated_infer(fn: str, arg: str, ranks: Any, n: int) -> Inferred:
+    """Every agent's answer at once: ``ranks`` holds the n agents' lists."""
+    if isinstance(ranks, (str, bytes)) or not isinstance(ranks, Sequence) or len(ranks) != n:
+        raise ValueError(
+            f"{fn}: inside bf.simulate({n}) {arg} must be a list of {n} lists, one per agent, "
+            f"got {ranks!r}"
+        )
+    per_agent = [canonical(fn, f"{arg}[{i}]", r, i, n) for i, r in enumerate(ranks)]
+    return invert(per_agent)
 
 
 def infer_sources(dst_ranks: Sequence[int] | Sequence[Sequence[int]]) -> Inferred:

@@ -36,17 +36,14 @@ atomicity is per element, not per message (BlueFog's ``require_mutex`` is ``win.
 from __future__ import annotations
 
 import contextlib
-import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
 
-from ..agreement import agree
 from ..backend.buffers import host_array
-from ..backend.transport import WindowHandle
 from ..log import get_logger
 from ..plan import (
     CommPlan,
@@ -60,7 +57,10 @@ from ..plan import (
 from ..tracing import AnyTopology, check_step, graph_at
 from ..tree import Flat, flatten
 from ..world import World, current
-from .handle import Handle, tracked
+from .handle import Handle
+
+if TYPE_CHECKING:
+    from ..executors.base import WindowEngine
 
 SrcWeights = Mapping[int, float]
 DstWeights = Mapping[int, float] | Sequence[int]
@@ -71,6 +71,16 @@ _INTEGER = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 _ALIGN = 8
 
 logger = get_logger("window")
+
+
+class _EverySlot:
+    """``src_weights`` of :meth:`Window.collect`: weight 1 on every slot, for every agent."""
+
+    def __repr__(self) -> str:
+        return "EVERY_SLOT"
+
+
+EVERY_SLOT: Any = _EverySlot()
 
 
 def _storage(dtype: torch.dtype) -> torch.dtype:
@@ -108,18 +118,6 @@ def _timed(world: World, name: str) -> Iterator[None]:
 
 def _describe(flat: Flat) -> tuple[Any, ...]:
     return (flat.spec, tuple((m.path, m.shape, m.dtype) for m in flat.metas))
-
-
-def _agent_flat(world: World, flat: Flat, fn: str) -> Flat:
-    if not world.simulated:
-        return flat
-    from ..sim import in_vmap, strip_agent_dim
-
-    if in_vmap():
-        raise RuntimeError(
-            f"{fn}: windows are not available inside bf.sim.vmap; use stacked trees in bf.simulate"
-        )
-    return strip_agent_dim(flat, world.size, fn)
 
 
 class _Neighbours:
@@ -175,7 +173,7 @@ class Window:
         world = current()
         flat = flatten(tree, fn)
         _check_dtypes(fn, flat)
-        agent = _agent_flat(world, flat, fn)
+        agent = world.executor.agent_view(world, flat, fn)
         graph_at(fn, topology, 0, world.size)  # type and size checks
         self._world = world
         self._topology = topology
@@ -193,35 +191,10 @@ class Window:
         self._offsets = tuple(offsets)
         self._stride = stride
         self._freed = False
-        self._pending: list[Handle[None]] = []  # this rank's async operations not yet waited
         self._held: set[tuple[int, int]] = set()  # (agent, rank) of the mutexes held
         self._template = flat  # rebuilds results of update() called without a tree
-        self._unfreed: weakref.finalize[Any, Window] | None = None  # warns if free() never comes
-        if world.simulated:
-            self._sim: _SimWindow | None = _SimWindow(self, flat)
-            self._handle: WindowHandle | None = None
-            return
-        self._sim = None
-        me = world.rank
-        plan = CommPlan(
-            op="Window",
-            rank=me,
-            size=world.size,
-            layout=self._layout,
-            recvs=tuple((j, 1.0) for j in self._nb.ins[me]),
-            sends=tuple((d, 1.0) for d in self._nb.outs[me]),
-            topology=digest(topology.fingerprint),
-            signature=digest("Window", self._desc),
-        )
-        agree(world, fn, plan, per_call_graph=True)
-        assert world.transport is not None
-        with _timed(world, "Window.create"):
-            handle = world.transport.window_create(self._stride * (1 + len(self._nb.ins[me])))
-            self._handle = handle
-            own = self._pack(flat.tensors)
-            handle.put(me, self._pieces(0, own), fn).wait()
-            handle.barrier(f"{fn} (creation)")  # nobody touches a window before every rank made it
-        self._unfreed = weakref.finalize(self, _never_freed, self._layout.nbytes)
+        self._engine: WindowEngine | None = None
+        self._engine = world.executor.open_window(world, self, flat)
 
     # ----------------------------------------------------------------------------- helpers
 
@@ -278,7 +251,7 @@ class Window:
 
     def _flat(self, fn: str, tree: Any) -> Flat:
         flat = flatten(tree, fn)
-        agent = _agent_flat(self._world, flat, fn)
+        agent = self._world.executor.agent_view(self._world, flat, fn)
         got = _describe(agent)
         if got != self._desc:
             raise ValueError(
@@ -315,31 +288,6 @@ class Window:
 
         leaves = unpack(self._plan, buffers, device)
         return (self._template if flat is None else flat).unflatten(leaves)
-
-    def _settle(self) -> None:
-        """Complete this rank's async operations, oldest first (their errors surface here)."""
-        while self._pending:
-            self._pending[0].wait()
-
-    def _async(
-        self, world: World, name: str, pendings: Sequence[Any], finish: Any = None
-    ) -> Handle[None]:
-        """A tracked handle over backend operations in flight; ``finish`` runs after they complete."""
-
-        def complete() -> None:
-            try:
-                for p in pendings:
-                    p.wait()
-                if finish is not None:
-                    finish()
-            finally:
-                self._pending.remove(handle)
-
-        handle: Handle[None] = tracked(
-            world, name, complete, lambda: all(p.done() for p in pendings)
-        )
-        self._pending.append(handle)
-        return handle
 
     # ----------------------------------------------------------------- argument resolution
 
@@ -398,7 +346,10 @@ class Window:
         self, fn: str, self_weight: Any, src_weights: Any, step: int, me: int
     ) -> tuple[float, tuple[tuple[int, float], ...]]:
         sw = canonical_self_weight(fn, self_weight)
-        src = self._src(fn, src_weights, step, me)
+        if src_weights is EVERY_SLOT:
+            src: tuple[tuple[int, float], ...] | None = tuple((j, 1.0) for j in self._nb.ins[me])
+        else:
+            src = self._src(fn, src_weights, step, me)
         graph = self._topology.at(step)
         if src is None:
             src = tuple(sorted(graph.recv_weights(me).items()))
@@ -470,24 +421,10 @@ class Window:
     def _push(
         self, fn: str, tree: Any, dst_weights: Any, step: int, *, accumulate: bool
     ) -> Handle[None]:
-        world = self._check_open(fn)
+        self._check_open(fn)
         step = check_step(fn, step)
         flat = self._flat(fn, tree)
-        if self._sim is not None:
-            with _timed(world, fn):
-                self._sim.push(fn, flat, dst_weights, step, accumulate)
-            return tracked(world, fn, lambda: None)
-        me = world.rank
-        dst = self._dst(fn, dst_weights, step, me)
-        bufs = self._pack(flat.tensors)
-        handle = self._handle
-        assert handle is not None
-        what = f"{fn} (step {step})"
-        pendings = []
-        for d, w in dst:
-            pieces = self._pieces(self._nb.slot[d][me], [_scaled(b, w) for b in bufs])
-            pendings.append((handle.accumulate if accumulate else handle.put)(d, pieces, what))
-        return self._async(world, fn, pendings)
+        return self._open_engine(fn).push(fn, flat, dst_weights, step, accumulate)
 
     def get(self, src_weights: SrcWeights | None = None, *, step: int = 0) -> None:
         """Fetch each source's own value into its slot here, scaled: ``s_ij ← w_j · x_j`` (``win_get``).
@@ -513,32 +450,9 @@ class Window:
         return self._get("Window.get_async", src_weights, step)
 
     def _get(self, fn: str, src_weights: Any, step: int) -> Handle[None]:
-        world = self._check_open(fn)
+        self._check_open(fn)
         step = check_step(fn, step)
-        if self._sim is not None:
-            with _timed(world, fn):
-                self._sim.get(fn, src_weights, step)
-            return tracked(world, fn, lambda: None)
-        me = world.rank
-        src = self._get_src(fn, src_weights, step, me)
-        self._settle()  # an older get into the same slot must not land after this one
-        handle = self._handle
-        assert handle is not None
-        what = f"{fn} (step {step})"
-        fetched = [(j, w, self._empty()) for j, w in src]
-        pendings = [handle.get(j, self._pieces(0, bufs), what) for j, _, bufs in fetched]
-
-        def store() -> None:
-            writes = [
-                handle.put(
-                    me, self._pieces(self._nb.slot[me][j], [_scaled(b, w) for b in bufs]), what
-                )
-                for j, w, bufs in fetched
-            ]
-            for p in writes:
-                p.wait()
-
-        return self._async(world, fn, pendings, store)
+        return self._open_engine(fn).get(fn, src_weights, step)
 
     def update(
         self,
@@ -570,42 +484,12 @@ class Window:
             A new tree (the inputs and earlier results are not modified).
         """
         fn = "Window.update"
-        world = self._check_open(fn)
+        self._check_open(fn)
         step = check_step(fn, step)
         if not isinstance(reset, bool):
             raise TypeError(f"{fn}: reset must be a bool, got {type(reset).__name__} {reset!r}")
         flat = None if tree is None else self._flat(fn, tree)
-        if self._sim is not None:
-            with _timed(world, fn):
-                return self._sim.update(fn, flat, self_weight, src_weights, reset, step)
-        me = world.rank
-        sw, src = self._update_weights(fn, self_weight, src_weights, step, me)
-        handle = self._handle
-        assert handle is not None
-        what = f"{fn} (step {step})"
-        with _timed(world, fn):
-            self._settle()
-            own = self._empty() if flat is None else self._pack(flat.tensors)
-            reads = [] if flat is not None else [handle.get(me, self._pieces(0, own), what)]
-            slots = [self._empty() for _ in src]
-            for (j, _), bufs in zip(src, slots, strict=True):
-                pieces = self._pieces(self._nb.slot[me][j], bufs)
-                if reset:
-                    zeros = [(off, np.zeros_like(arr)) for off, arr in pieces]
-                    reads.append(handle.swap(me, zeros, [arr for _, arr in pieces], what))
-                else:
-                    reads.append(handle.get(me, pieces, what))
-            for p in reads:
-                p.wait()
-            outs = [
-                combine_update(own[gi], [bufs[gi] for bufs in slots], [w for _, w in src], sw)
-                for gi in range(len(self._layout.groups))
-            ]
-            handle.put(me, self._pieces(0, outs), what).wait()
-        device = (
-            flat.tensors[0].device if flat is not None and flat.tensors else torch.device("cpu")
-        )
-        return self._unflatten(flat, outs, device)
+        return self._open_engine(fn).update(fn, flat, self_weight, src_weights, reset, step)
 
     def collect(self, tree: Any = None, *, step: int = 0) -> Any:
         """Push-sum's receive: ``x_i + Σ_j s_ij`` over every slot, zeroing them (atomically).
@@ -618,12 +502,7 @@ class Window:
         step = check_step(fn, step)
         if tree is not None:
             self._flat(fn, tree)  # errors name collect, not the update it delegates to
-        if self._sim is not None:
-            n = self._world.size
-            src_all: Any = [{j: 1.0 for j in self._nb.ins[r]} for r in range(n)]
-        else:
-            src_all = {j: 1.0 for j in self._nb.ins[self._world.rank]}
-        return self.update(tree, self_weight=1.0, src_weights=src_all, reset=True, step=step)
+        return self.update(tree, self_weight=1.0, src_weights=EVERY_SLOT, reset=True, step=step)
 
     def uniform_share(self, step: int = 0) -> torch.Tensor:
         """``1 / (out-degree + 1)`` of this rank in ``topology.at(step)``: push-sum's share.
@@ -634,16 +513,16 @@ class Window:
         world = self._check_open(fn)
         step = check_step(fn, step)
         graph = self._topology.at(step)
-        ranks = range(world.size) if world.simulated else [world.rank]
+        ex = world.executor
         shares = torch.tensor(
-            [1.0 / (len(graph.out_neighbors(r)) + 1) for r in ranks], dtype=torch.float64
+            [1.0 / (len(graph.out_neighbors(r)) + 1) for r in ex.agents(world)], dtype=torch.float64
         )
-        return shares if world.simulated else shares[0]
+        return shares.reshape(ex.agent_shape(world))
 
     def _mutex_ranks(self, fn: str, ranks: Any) -> list[tuple[int, tuple[int, ...]]]:
         """``(agent, sorted distinct ranks)`` for every agent this process acts for."""
         world = self._world
-        agents = range(world.size) if world.simulated else [world.rank]
+        agents = world.executor.agents(world)
         if ranks is None:
             return [(a, self._nb.outs[a]) for a in agents]
         items = [ranks] if isinstance(ranks, int) and not isinstance(ranks, bool) else ranks
@@ -694,18 +573,17 @@ class Window:
             raise RuntimeError(
                 f"{fn}: this rank already holds the mutex of rank(s) {again}; mutexes are not re-entrant"
             )
-        mine = resolved[0][1] if self._sim is None else ()
-        handle = self._handle
+        mine = resolved[0][1]
+        engine = self._open_engine(fn)
         with _timed(world, "Window.mutex_acquire"):
-            if handle is not None:
-                handle.mutex_acquire(mine, f"{fn} (ranks {list(mine)})")
+            engine.mutex_acquire(mine, f"{fn} (ranks {list(mine)})")
         self._held |= wanted
         try:
             yield
         finally:
             self._held -= wanted
-            if handle is not None and not self._freed:
-                handle.mutex_release(mine, f"{fn} (ranks {list(mine)})")
+            if not self._freed:
+                engine.mutex_release(mine, f"{fn} (ranks {list(mine)})")
 
     def snapshot(self) -> WindowSnapshot:
         """The window's numbers: own value and every slot, in-flight mass included (collective).
@@ -720,27 +598,8 @@ class Window:
             A :class:`WindowSnapshot` of plain tensors, for :meth:`restore`.
         """
         fn = "Window.snapshot"
-        world = self._check_open(fn)
-        if self._sim is not None:
-            return self._sim.snapshot(self._signature())
-        handle = self._handle
-        assert handle is not None
-        me = world.rank
-        k = len(self._nb.ins[me])
-        with _timed(world, fn):
-            self._settle()
-            handle.barrier(f"{fn} (before reading)")
-            regions = [self._empty() for _ in range(1 + k)]
-            for p in [handle.get(me, self._pieces(r, bufs), fn) for r, bufs in enumerate(regions)]:
-                p.wait()
-            handle.barrier(f"{fn} (after reading)")
-        slots = tuple(
-            torch.stack([regions[r][gi] for r in range(1, 1 + k)])
-            if k
-            else torch.zeros(0, g.numel, dtype=_storage(g.dtype))
-            for gi, g in enumerate(self._layout.groups)
-        )
-        return WindowSnapshot(tuple(regions[0]), slots, me, world.size, self._signature())
+        self._check_open(fn)
+        return self._open_engine(fn).snapshot(fn, self._signature())
 
     def restore(self, snapshot: WindowSnapshot) -> None:
         """Overwrite the own value and every slot with a :meth:`snapshot`'s (collective).
@@ -766,23 +625,13 @@ class Window:
                 f"{fn}: snapshot is of a window over another tree layout, topology slots or backend "
                 f"(signature {snapshot.signature}, this window {self._signature()})"
             )
-        if self._sim is not None:
-            self._sim.restore(snapshot)
-            return
-        handle = self._handle
-        assert handle is not None
-        me = world.rank
-        regions = [[b.contiguous() for b in snapshot.own]]
-        regions += [[s[k].contiguous() for s in snapshot.slots] for k in range(len(self._nb.ins[me]))]
-        with _timed(world, fn):
-            self._settle()
-            for p in [handle.put(me, self._pieces(r, bufs), fn) for r, bufs in enumerate(regions)]:
-                p.wait()
-            handle.barrier(f"{fn} (after writing)")
+        self._open_engine(fn).restore(fn, snapshot)
 
     def _signature(self) -> str:
         """Identifies the memory layout: tree, slots, world kind (equal across processes)."""
-        return digest("WindowSnapshot", self._desc, self._nb.ins, self._world.simulated, self._world.size)
+        return digest(
+            "WindowSnapshot", self._desc, self._nb.ins, bool(self._world.executor.agent_shape(self._world)), self._world.size
+        )
 
     def free(self) -> None:
         """Release the window (collective: every rank calls it); later use raises ``RuntimeError``.
@@ -793,25 +642,22 @@ class Window:
         than entering MPI's collective release alone.
         """
         fn = "Window.free"
-        world = self._check_open(fn)
+        self._check_open(fn)
         if self._held:
             raise RuntimeError(
                 f"{fn}: called while holding the mutex of rank(s) {sorted({r for _, r in self._held})}; "
                 "leave the win.mutex block first"
             )
         self._freed = True
-        if self._unfreed is not None:
-            self._unfreed.detach()
-        handle, self._handle = self._handle, None
-        self._sim = None
-        if handle is None:
-            return
-        with _timed(world, fn):
-            try:
-                self._settle()
-            finally:
-                self._pending.clear()
-                handle.free(fn)
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            engine.free(fn)
+
+    def _open_engine(self, fn: str) -> WindowEngine:
+        engine = self._engine
+        if engine is None:
+            raise RuntimeError(f"{fn}: the window was freed")
+        return engine
 
 
 class WindowSnapshot(NamedTuple):
@@ -858,117 +704,3 @@ def combine_update(
     for s, w in zip(slots, weights, strict=True):
         acc += s.to(torch.float64) * w
     return acc.to(x.dtype)
-
-
-class _SimWindow:
-    """The window of ``bf.simulate(n)``: all agents' memory in one process, synchronous.
-
-    ``own[g]`` is ``(n, numel)`` and ``slots[g]`` is ``(n, max in-degree, numel)`` (padded), in
-    the storage dtype; agent ``i``'s slot for ``j`` is row ``slot[i][j] − 1``.
-    """
-
-    def __init__(self, window: Window, flat: Flat) -> None:
-        self.w = window
-        n = window._world.size
-        self.n = n
-        width = max((len(ins) for ins in window._nb.ins), default=0)
-        self.own = []
-        self.slots = []
-        for g in window._layout.groups:
-            buf = torch.empty(n, g.numel, dtype=_storage(g.dtype))
-            for s in g.slots:
-                buf[:, s.offset : s.offset + s.numel].copy_(
-                    flat.tensors[s.leaf].detach().reshape(n, -1)
-                )
-            self.own.append(buf)
-            self.slots.append(torch.zeros(n, width, g.numel, dtype=_storage(g.dtype)))
-        self.device = flat.tensors[0].device if flat.tensors else torch.device("cpu")
-        self.template = flat
-
-    def snapshot(self, signature: str) -> WindowSnapshot:
-        own = tuple(o.clone() for o in self.own)
-        return WindowSnapshot(own, tuple(s.clone() for s in self.slots), 0, self.n, signature)
-
-    def restore(self, snapshot: WindowSnapshot) -> None:
-        for mine, theirs in zip(self.own + self.slots, snapshot.own + snapshot.slots, strict=True):
-            mine.copy_(theirs)
-
-    def _pack(self, flat: Flat) -> list[torch.Tensor]:
-        out = []
-        for g in self.w._layout.groups:
-            buf = torch.empty(self.n, g.numel, dtype=_storage(g.dtype))
-            for s in g.slots:
-                buf[:, s.offset : s.offset + s.numel].copy_(
-                    flat.tensors[s.leaf].detach().reshape(self.n, -1)
-                )
-            out.append(buf)
-        return out
-
-    def push(self, fn: str, flat: Flat, dst_weights: Any, step: int, accumulate: bool) -> None:
-        from ..sim.ops import _dst_weights
-
-        per = _dst_weights(fn, dst_weights, self.n)
-        dsts = [self.w._dst(fn, per[i], step, i) for i in range(self.n)]  # validate all first
-        bufs = self._pack(flat)
-        for i, dst in enumerate(dsts):
-            for d, wt in dst:
-                row = self.w._nb.slot[d][i] - 1
-                for gi, buf in enumerate(bufs):
-                    data = _scaled(buf[i], wt)
-                    if accumulate:
-                        self.slots[gi][d, row] += data
-                    else:
-                        self.slots[gi][d, row] = data
-
-    def get(self, fn: str, src_weights: Any, step: int) -> None:
-        from ..sim.ops import _src_weights
-
-        per = _src_weights(fn, src_weights, self.n)
-        srcs = []
-        for i in range(self.n):
-            src = self.w._src(fn, per[i], step, i)
-            srcs.append(
-                src
-                if src is not None
-                else tuple((j, 1.0) for j in self.w._topology.at(step).in_neighbors(i))
-            )
-        snapshot = [o.clone() for o in self.own]  # every agent reads the values before this call
-        for i, src in enumerate(srcs):
-            for j, wt in src:
-                row = self.w._nb.slot[i][j] - 1
-                for gi, own in enumerate(snapshot):
-                    self.slots[gi][i, row] = _scaled(own[j], wt)
-
-    def update(
-        self, fn: str, flat: Flat | None, self_weight: Any, src_weights: Any, reset: bool, step: int
-    ) -> Any:
-        from ..sim.ops import _self_weights, _src_weights
-
-        sws = _self_weights(fn, self_weight, self.n)
-        srcs = _src_weights(fn, src_weights, self.n)
-        resolved = [self.w._update_weights(fn, sws[i], srcs[i], step, i) for i in range(self.n)]
-        if flat is not None:
-            for gi, buf in enumerate(self._pack(flat)):
-                self.own[gi].copy_(buf)
-        outs = []
-        for gi, own in enumerate(self.own):
-            out = torch.empty_like(own)
-            for i, (sw, src) in enumerate(resolved):
-                rows = [self.w._nb.slot[i][j] - 1 for j, _ in src]
-                slots = [self.slots[gi][i, r] for r in rows]
-                out[i] = combine_update(own[i], slots, [w for _, w in src], sw)
-                if reset:
-                    for r in rows:
-                        self.slots[gi][i, r].zero_()
-            own.copy_(out)
-            outs.append(out)
-        template = flat if flat is not None else self.template
-        device = template.tensors[0].device if template.tensors else self.device
-        leaves: list[torch.Tensor] = [None] * len(template.tensors)  # type: ignore[list-item]
-        for gi, g in enumerate(self.w._layout.groups):
-            buf = outs[gi].to(g.dtype) if outs[gi].dtype != g.dtype else outs[gi]
-            for s in g.slots:
-                leaves[s.leaf] = (
-                    buf[:, s.offset : s.offset + s.numel].reshape(self.n, *s.shape).to(device)
-                )
-        return template.unflatten(leaves)

@@ -28,7 +28,8 @@ Style = Literal["atc", "awc"]
 
 
 def _process_world(fn: str) -> None:
-    if current().simulated:
+    world = current()
+    if world.executor.agent_shape(world):
         raise TypeError(
             f"{fn}: nn.Module and torch.optim objects hold one agent's tensors, which have no agent "
             "dimension; inside bf.simulate(n) use the functional bf.optim algorithms on stacked trees"

@@ -114,7 +114,7 @@ def _checked(
 def _unit_weight(params: Params) -> torch.Tensor:
     """The initial push-sum weight ``w = 1``: a float64 scalar, one per agent in the simulator."""
     world = current()
-    return torch.ones(world.size if world.simulated else (), dtype=torch.float64, device=_device(params))
+    return torch.ones(world.executor.agent_shape(world), dtype=torch.float64, device=_device(params))
 
 
 def push_sum(

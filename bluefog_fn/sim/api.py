@@ -69,11 +69,15 @@ class simulate(contextlib.ContextDecorator):  # used like a function: bf.simulat
     def world(self) -> _world.World:
         """The simulated world (created on first use, then kept)."""
         if self._world is None:
+            from .executor import (
+                SimExecutor,  # deferred: it imports the ops, which import this module
+            )
+
             n, local = self.n, self.local_size
             # One plan per agent per call pattern: a cache sized for one MPI rank would thrash.
             self._world = _world.World(
                 backend="sim", rank=0, size=n, local_rank=0, local_size=local, machine_rank=0,
-                machine_size=n // local, transport=None, plans=PlanCache(DEFAULT_MAXSIZE * n),
+                machine_size=n // local, executor=SimExecutor(), plans=PlanCache(DEFAULT_MAXSIZE * n),
             )
         return self._world
 
@@ -90,7 +94,7 @@ class simulate(contextlib.ContextDecorator):  # used like a function: bf.simulat
 
 def _require_sim(fn: str) -> int:
     world = _world.current()
-    if not world.simulated:
+    if world.backend != "sim":
         raise RuntimeError(f"{fn} must run inside bf.simulate(n)")
     return world.size
 
@@ -280,7 +284,7 @@ def unstack(tree: Any, n: int | None = None) -> list[Any]:
     tensors = [(p, x) for p, x in with_path if isinstance(x, torch.Tensor)]
     if n is None:
         world = _world.current()
-        n = world.size if world.simulated else (tensors[0][1].shape[0] if tensors and tensors[0][1].dim() else 1)
+        n = world.size if world.backend == "sim" else (tensors[0][1].shape[0] if tensors and tensors[0][1].dim() else 1)
     n = _check_n("unstack", n)
     for path, leaf in with_path:
         if leaf is not None and not isinstance(leaf, torch.Tensor):

@@ -49,20 +49,23 @@ class Counting:
 def counting(windows: list[bf.Window]) -> Iterator[list[str]]:
     """Every transport and window-handle call made inside the block."""
     calls: list[str] = []
-    world = current()
-    saved_transport = world.transport
-    saved_handles = [w._handle for w in windows]
-    if world.transport is not None:
-        world.transport = Counting(world.transport, calls)  # type: ignore[assignment]
-    for w in windows:
-        if w._handle is not None:
-            w._handle = Counting(w._handle, calls)  # type: ignore[assignment]
+    executor: Any = current().executor
+    saved_transport = getattr(executor, "transport", None)
+    engines: list[Any] = [w._engine for w in windows]
+    saved_handles = [getattr(e, "handle", None) for e in engines]
+    if saved_transport is not None:
+        executor.transport = Counting(saved_transport, calls)
+    for e, h in zip(engines, saved_handles, strict=True):
+        if h is not None:
+            e.handle = Counting(h, calls)
     try:
         yield calls
     finally:
-        world.transport = saved_transport
-        for w, h in zip(windows, saved_handles, strict=True):
-            w._handle = h
+        if saved_transport is not None:
+            executor.transport = saved_transport
+        for e, h in zip(engines, saved_handles, strict=True):
+            if h is not None:
+                e.handle = h
 
 
 def tensors_of(args: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:

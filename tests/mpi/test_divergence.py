@@ -40,7 +40,7 @@ def pairs_graph(self_weight: float) -> T.Topology:
 def resync() -> None:
     """Leave the world as a correct program would: nothing queued, call numbers equal."""
     world = current()
-    comm = world.transport.comm  # type: ignore[union-attr]
+    comm = world.executor.transport.comm  # type: ignore[attr-defined]
     status = MPI.Status()
     for _ in range(2):
         comm.Barrier()
@@ -125,7 +125,7 @@ def test_per_call_graph_that_the_receiver_does_not_share() -> None:
 
 def test_per_call_graphs_run_no_agreement_collective_after_the_first_call() -> None:
     world = current()
-    transport = world.transport
+    transport = world.executor.transport  # type: ignore[attr-defined]
     calls = []
     original = transport.allgather_object  # type: ignore[union-attr]
 

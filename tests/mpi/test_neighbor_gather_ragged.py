@@ -83,7 +83,7 @@ def test_equal_shapes_keep_the_single_exchange() -> None:
     # Fast path: once a pattern (structure, other dims, graph, step) is agreed with equal shapes
     # everywhere, a call posts one exchange (no first-dimension message); a pattern seen ragged
     # posts two (dims, then data) from then on.
-    transport = bf.world.current().transport
+    transport = bf.world.current().executor.transport  # type: ignore[attr-defined]
     if transport is None:
         pytest.skip("a world of one has no transport")
     calls: list[int] = []
