@@ -102,8 +102,9 @@ class Executor(ABC):
     @abstractmethod
     def neighbor_mean(
         self, world: World, flat: Flat, topology: AnyTopology | None, step: int,
-        self_weight: Any, src_weights: Any, dst_weights: Any,
-    ) -> Handle[Any]: ...
+        self_weight: Any, src_weights: Any, dst_weights: Any, *, adjoint: bool = False,
+    ) -> Handle[Any]:
+        """``W x`` (``adjoint``: ``Wᵀ x``, the gradient's exchange, not itself recorded by autograd)."""
 
     @abstractmethod
     def neighbor_gather(
@@ -126,9 +127,10 @@ class Executor(ABC):
     def staged(
         self, world: World, fn: str, flat: Flat, *, graph: Topology | None = None,
         topology: AnyTopology | None = None, step: int = 0, self_weight: Any = None,
-        src_machine_weights: Any = None, dst_machine_weights: Any = None,
+        src_machine_weights: Any = None, dst_machine_weights: Any = None, adjoint: bool = False,
     ) -> Handle[Any]:
-        """``local_mean`` (``fn == "local_mean"``) or ``hierarchical_neighbor_mean``."""
+        """``local_mean`` (``fn == "local_mean"``) or ``hierarchical_neighbor_mean``
+        (``adjoint``: the reversed pipeline, not itself recorded by autograd)."""
 
     @abstractmethod
     def infer(self, world: World, fn: str, arg: str, ranks: Any) -> Any:

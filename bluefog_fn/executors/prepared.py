@@ -80,9 +80,9 @@ class PreparedMix:
             groups.append((g.dtype, g.numel, slots, tuple(segs), rows))
         # Receives in the order the regular path posts them: per source, per (group, segment).
         for j, (src, _) in enumerate(plan.recvs):
-            for _, _, _, segs, rows in groups:
-                for start, stop, _ in segs:
-                    recvs.append((src, rows[j, start:stop]))
+            for group in groups:
+                for start, stop, _ in group[3]:
+                    recvs.append((src, group[4][j, start:stop]))
         self._groups = tuple(groups)
         self._recvs = recvs
         self._sends_from = tuple(sends_from)

@@ -78,6 +78,17 @@ class ProcessExecutor(Executor):
         world.plans.hits += 1
         return entry.run(world, self.transport, leaves, step)
 
+    def _adjoint_mix(
+        self, world: World, flat: Flat, topology: AnyTopology | None, step: int,
+        self_weight: Any, src_weights: Any, dst_weights: Any,
+    ) -> Handle[Any]:
+        """``Wᵀ x``: the call's plan reversed, numbered like the backward of an eager call."""
+        fn = "neighbor_mean"
+        plan = trace_mix(world, fn, flat, topology, step, world.rank, self_weight, src_weights, dst_weights)
+        call = None if world.size == 1 else world.calls.begin(f"{fn} backward", plan.step)
+        run = MixRun(world, self.transport, plan.reversed(), flat.tensors, defer=False, call=call, step=step)
+        return Handle(lambda: flat.unflatten(run.forward(flat.tensors)), run.done)
+
     def _prepare(self, world: World, flat: Flat, plan: CommPlan, topology: Any, step: int) -> None:
         """Build the lean path's executor for this call's pattern (after its regular run)."""
         if not PreparedMix.eligible(plan, flat.tensors):
@@ -95,9 +106,11 @@ class ProcessExecutor(Executor):
 
     def neighbor_mean(
         self, world: World, flat: Flat, topology: AnyTopology | None, step: int,
-        self_weight: Any, src_weights: Any, dst_weights: Any,
+        self_weight: Any, src_weights: Any, dst_weights: Any, *, adjoint: bool = False,
     ) -> Handle[Any]:
         fn = "neighbor_mean"
+        if adjoint:
+            return self._adjoint_mix(world, flat, topology, step, self_weight, src_weights, dst_weights)
         timeline = world.timeline
         span = None if timeline is None else timeline.begin(fn)
         plan = trace_mix(world, fn, flat, topology, step, world.rank, self_weight, src_weights, dst_weights)
@@ -227,7 +240,7 @@ class ProcessExecutor(Executor):
     def staged(
         self, world: World, fn: str, flat: Flat, *, graph: Topology | None = None,
         topology: AnyTopology | None = None, step: int = 0, self_weight: Any = None,
-        src_machine_weights: Any = None, dst_machine_weights: Any = None,
+        src_machine_weights: Any = None, dst_machine_weights: Any = None, adjoint: bool = False,
     ) -> Handle[Any]:
         exchange = fn == "hierarchical_neighbor_mean"
         per_call = dst_machine_weights is not None
@@ -240,6 +253,9 @@ class ProcessExecutor(Executor):
             world, fn, flat, world.rank, exchange=exchange, graph=graph, topology=topology, step=step,
             weights=weights, per_call_graph=per_call,
         )
+        if adjoint:
+            back = StagedRun(world, self.transport, plan.reversed(), flat.tensors, defer=False)
+            return Handle(lambda: flat.unflatten(back.forward(flat.tensors)), back.done)
         return self._run_staged(world, fn, flat, plan, per_call)
 
     def _run_staged(self, world: World, fn: str, flat: Flat, plan: StagedPlan, per_call_graph: bool) -> Handle[Any]:

@@ -13,10 +13,13 @@ import torch
 from ..plan import check_rank_key
 from ..tree import flatten
 from ..world import current
+from .compiled import call_collect, call_mix, ready
 from .handle import Handle
 
 
 def _reduce_async(tree: Any, fn: str, mean: bool) -> Handle[Any]:
+    if torch.compiler.is_compiling():
+        return ready(call_mix(fn, tree, 0) if mean else call_collect(fn, tree))
     world = current()
     flat = flatten(tree, fn)
     for i, t in enumerate(flat.tensors):
@@ -38,6 +41,8 @@ def global_sum(tree: Any) -> Any:
         >>> bf.global_sum(torch.ones(2)).tolist() == [float(bf.size())] * 2
         True
     """
+    if torch.compiler.is_compiling():
+        return call_collect("global_sum", tree)
     return global_sum_async(tree).wait()
 
 
@@ -54,6 +59,8 @@ def global_mean(tree: Any) -> Any:
         >>> bf.global_mean({"w": torch.ones(2)})["w"].tolist()
         [1.0, 1.0]
     """
+    if torch.compiler.is_compiling():
+        return call_mix("global_mean", tree, 0)
     return global_mean_async(tree).wait()
 
 
@@ -64,6 +71,8 @@ def _check_root(fn: str, root: object, size: int) -> int:
 def broadcast_async(tree: Any, root: int = 0) -> Handle[Any]:
     """Start :func:`broadcast`."""
     fn = "broadcast"
+    if torch.compiler.is_compiling():
+        return ready(call_collect("broadcast", tree, root=root))
     world = current()
     root = _check_root(fn, root, world.size)
     flat = flatten(tree, fn)
@@ -78,12 +87,16 @@ def broadcast(tree: Any, root: int = 0) -> Any:
         >>> bf.broadcast(torch.tensor([1.0, 2.0]), root=0).tolist()
         [1.0, 2.0]
     """
+    if torch.compiler.is_compiling():
+        return call_collect("broadcast", tree, root=root)
     return broadcast_async(tree, root).wait()
 
 
 def allgather_async(tree: Any) -> Handle[Any]:
     """Start :func:`allgather`."""
     fn = "allgather"
+    if torch.compiler.is_compiling():
+        return ready(call_collect("allgather", tree))
     world = current()
     flat = flatten(tree, fn)
     for i, t in enumerate(flat.tensors):
@@ -100,6 +113,8 @@ def allgather(tree: Any) -> Any:
         >>> bf.allgather(torch.zeros(2, 3)).shape[0] == 2 * bf.size()
         True
     """
+    if torch.compiler.is_compiling():
+        return call_collect("allgather", tree)
     return allgather_async(tree).wait()
 
 

@@ -17,10 +17,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from ..hierarchy import MachineDsts, MachineWeights, check_layout, machine_graph
 from ..topology import DynamicTopology, Topology
 from ..tree import flatten
 from ..world import current
+from .compiled import call_mix, ready
 from .handle import Handle
 from .neighbor import _check_floating
 
@@ -34,6 +37,8 @@ def local_mean_async(tree: Any) -> Handle[Any]:
         [1.0, 1.0]
     """
     fn = "local_mean"
+    if torch.compiler.is_compiling():
+        return ready(call_mix("local_mean", tree, 0))
     world = current()
     flat = flatten(tree, fn)
     _check_floating(fn, flat)
@@ -60,6 +65,8 @@ def local_mean(tree: Any) -> Any:
         >>> bf.local_mean({"w": torch.ones(3)})["w"].tolist()
         [1.0, 1.0, 1.0]
     """
+    if torch.compiler.is_compiling():
+        return call_mix("local_mean", tree, 0)
     return local_mean_async(tree).wait()
 
 
@@ -82,6 +89,11 @@ def hierarchical_neighbor_mean_async(
         [1.0, 1.0]
     """
     fn = "hierarchical_neighbor_mean"
+    if torch.compiler.is_compiling():
+        return ready(call_mix(
+            fn, tree, step, machine_topology, self_weight=self_weight,
+            src_machine_weights=src_machine_weights, dst_machine_weights=dst_machine_weights,
+        ))
     world = current()
     flat = flatten(tree, fn)
     _check_floating(fn, flat)
@@ -135,6 +147,11 @@ def hierarchical_neighbor_mean(
         >>> bf.hierarchical_neighbor_mean(torch.ones(2), bf.topology.ring(bf.machine_size())).tolist()
         [1.0, 1.0]
     """
+    if torch.compiler.is_compiling():
+        return call_mix(
+            "hierarchical_neighbor_mean", tree, step, machine_topology, self_weight=self_weight,
+            src_machine_weights=src_machine_weights, dst_machine_weights=dst_machine_weights,
+        )
     return hierarchical_neighbor_mean_async(
         tree, machine_topology, step, self_weight=self_weight, src_machine_weights=src_machine_weights,
         dst_machine_weights=dst_machine_weights,

@@ -15,6 +15,7 @@ from ..executors.base import MISS
 from ..tracing import AnyTopology, check_step
 from ..tree import Flat, flatten
 from ..world import current
+from .compiled import call_collect, call_mix, ready
 from .handle import Handle
 
 SrcWeights = Mapping[int, float]
@@ -49,6 +50,10 @@ def neighbor_mean_async(
         [1.0, 1.0, 1.0]
     """
     fn = "neighbor_mean"
+    if torch.compiler.is_compiling():
+        return ready(call_mix(
+            fn, tree, step, topology, self_weight=self_weight, src_weights=src_weights, dst_weights=dst_weights
+        ))
     world = current()
     flat = flatten(tree, fn)
     _check_floating(fn, flat)
@@ -90,6 +95,10 @@ def neighbor_mean(
         >>> out["w"].sum().item()
         4.0
     """
+    if torch.compiler.is_compiling():
+        return call_mix(
+            "neighbor_mean", tree, step, topology, self_weight=self_weight, src_weights=src_weights, dst_weights=dst_weights
+        )
     if self_weight is None and src_weights is None and dst_weights is None:
         world = current()
         # A call seen before, with nothing to differentiate: the prepared executor (lean path).
@@ -111,6 +120,10 @@ def neighbor_gather_async(
 ) -> Handle[dict[int, Any]]:
     """Start :func:`neighbor_gather`."""
     fn = "neighbor_gather"
+    if torch.compiler.is_compiling():
+        return ready(call_collect(
+            fn, tree, step, topology, src_weights=src_weights, dst_weights=dst_weights, step_in_graph=step
+        ))
     world = current()
     step = check_step(fn, step)
     return world.executor.neighbor_gather(world, tree, topology, step, src_weights, dst_weights)
@@ -148,4 +161,8 @@ def neighbor_gather(
         >>> bf.neighbor_gather(torch.arange(3), bf.topology.ring(bf.size())) == {} or bf.size() > 1
         True
     """
+    if torch.compiler.is_compiling():
+        return call_collect(  # type: ignore[no-any-return]
+            "neighbor_gather", tree, step, topology, src_weights=src_weights, dst_weights=dst_weights, step_in_graph=step
+        )
     return neighbor_gather_async(tree, topology, step, src_weights=src_weights, dst_weights=dst_weights).wait()

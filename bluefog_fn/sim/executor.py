@@ -41,9 +41,9 @@ class SimExecutor(Executor):
 
     def neighbor_mean(
         self, world: World, flat: Flat, topology: AnyTopology | None, step: int,
-        self_weight: Any, src_weights: Any, dst_weights: Any,
+        self_weight: Any, src_weights: Any, dst_weights: Any, *, adjoint: bool = False,
     ) -> Handle[Any]:
-        return ops.neighbor_mean_sim(world, flat, topology, step, self_weight, src_weights, dst_weights)
+        return ops.neighbor_mean_sim(world, flat, topology, step, self_weight, src_weights, dst_weights, adjoint=adjoint)
 
     def neighbor_gather(
         self, world: World, tree: Any, topology: AnyTopology | None, step: int, src_weights: Any, dst_weights: Any,
@@ -65,11 +65,11 @@ class SimExecutor(Executor):
     def staged(
         self, world: World, fn: str, flat: Flat, *, graph: Topology | None = None,
         topology: AnyTopology | None = None, step: int = 0, self_weight: Any = None,
-        src_machine_weights: Any = None, dst_machine_weights: Any = None,
+        src_machine_weights: Any = None, dst_machine_weights: Any = None, adjoint: bool = False,
     ) -> Handle[Any]:
         return ops.staged_sim(
             world, fn, flat, graph=graph, topology=topology, step=step, self_weight=self_weight,
-            src_machine_weights=src_machine_weights, dst_machine_weights=dst_machine_weights,
+            src_machine_weights=src_machine_weights, dst_machine_weights=dst_machine_weights, adjoint=adjoint,
         )
 
     def infer(self, world: World, fn: str, arg: str, ranks: Any) -> Any:

@@ -221,8 +221,10 @@ def neighbor_mean_sim(
     self_weight: Any,
     src_weights: Any,
     dst_weights: Any,
+    *,
+    adjoint: bool = False,
 ) -> Handle[Any]:
-    """``neighbor_mean`` for all agents: ``X ← W X`` with W from the agents' plans."""
+    """``neighbor_mean`` for all agents: ``X ← W X`` with W from the agents' plans (``adjoint``: Wᵀ)."""
     fn = "neighbor_mean"
     n = world.size
     aflat, per_agent = _agent_flat(world, flat, fn)
@@ -231,6 +233,8 @@ def neighbor_mean_sim(
         _self_weights(fn, self_weight, n), _src_weights(fn, src_weights, n), _dst_weights(fn, dst_weights, n),
     )
     op = exec_cache(world).get(fn, plans)
+    if adjoint:
+        op = op.adjoint()
     return _done(flat.unflatten(apply(op, flat.tensors, per_agent)))
 
 
@@ -375,6 +379,7 @@ def staged_sim(
     self_weight: Any = None,
     src_machine_weights: Any = None,
     dst_machine_weights: Any = None,
+    adjoint: bool = False,
 ) -> Handle[Any]:
     """``local_mean`` / ``hierarchical_neighbor_mean`` for all agents: the same staged plans as on
     MPI (one per agent), each stage run as a stacked mix.
@@ -408,4 +413,6 @@ def staged_sim(
     cache = exec_cache(world)
     stages = [cache.get(fn, tuple(p.stages[k] for p in plans)) for k in range(len(plans[0].stages))]
     op = StagedOp(fn, stages, [r for r in range(n) if r % local], world.resources.pool)
+    if adjoint:
+        op = op.adjoint()
     return _done(flat.unflatten(apply(op, flat.tensors, per_agent)))
