@@ -1,0 +1,77 @@
+"""Per-call cost of a cached one-element ``neighbor_mean`` against the raw floor, in one run.
+
+Floor: a one-element mpi4py ``Sendrecv`` with the same peer + average (a copy + average in a
+world of one).  Each number is the median over 15 rounds of 200 calls, the slowest rank's; the
+pair is measured three times, interleaved, and the best of each is printed.  Runs unchanged on
+any tree of the library (it uses only public names), so before/after comparisons run the same
+script:
+
+    bfrun -np 2 python bench/tiny_call.py LABEL
+    python bench/tiny_call.py LABEL          # a world of one
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import mpi4py
+
+mpi4py.rc.thread_level = "serialized"  # bluefog_fn's own setting (MULTIPLE makes polling slow)
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+import bluefog_fn as bf
+
+
+def main() -> None:
+    label = sys.argv[1] if len(sys.argv) > 1 else "bf"
+    bf.init()
+    comm = MPI.COMM_WORLD
+    rank, n = comm.Get_rank(), comm.Get_size()
+    topo = bf.topology.one_peer_exponential_two(n) if n > 1 else bf.topology.ring(1)
+    tiny = {"x": torch.ones(1)}
+    one = np.ones(1, dtype=np.float32)
+    one_r, one_o = np.empty_like(one), np.empty_like(one)
+    state = {"step": 0}
+
+    def bf_call() -> None:
+        state["step"] += 1
+        bf.neighbor_mean(tiny, topo, state["step"])
+
+    def floor_call() -> None:
+        state["step"] += 1
+        k = 1 << (state["step"] % topo.period)
+        if n > 1:
+            comm.Sendrecv(one, dest=(rank + k) % n, recvbuf=one_r, source=(rank - k) % n)
+        else:
+            np.copyto(one_r, one)
+        np.add(one, one_r, out=one_o)
+        np.multiply(one_o, 0.5, out=one_o)
+
+    def per_call(fn: Callable[[], None]) -> float:
+        for _ in range(200):
+            fn()
+        rounds = []
+        for _ in range(15):
+            comm.Barrier()
+            t0 = time.perf_counter()
+            for _ in range(200):
+                fn()
+            rounds.append((time.perf_counter() - t0) / 200)
+        return float(comm.allreduce(statistics.median(rounds), op=MPI.MAX))
+
+    ours, floor = [], []
+    for _ in range(3):
+        ours.append(per_call(bf_call))
+        floor.append(per_call(floor_call))
+    if rank == 0:
+        print(f"{label} np={n}: bf {min(ours) * 1e6:.1f} us, floor {min(floor) * 1e6:.1f} us, ratio {min(ours) / min(floor):.1f}x")
+
+
+if __name__ == "__main__":
+    main()
