@@ -321,10 +321,8 @@ def _ragged_gather(
 
 
 def global_reduce_sim(world: World, flat: Flat, fn: str, mean: bool) -> Handle[Any]:
-    """``global_sum`` / ``global_mean`` for all agents (every agent's row is the same)."""
-    for i, t in enumerate(flat.tensors):
-        if t.dtype == torch.bool or (mean and not (t.dtype.is_floating_point or t.dtype.is_complex)):
-            raise TypeError(f"{fn}: tree leaf {flat.path(i)} has dtype {t.dtype}, which {fn} does not support")
+    """``global_sum`` / ``global_mean`` for all agents (every agent's row is the same; the op
+    checked the dtypes)."""
     aflat, per_agent = _agent_flat(world, flat, fn)
     for r in range(world.size):
         trace_collective(world, fn, aflat, r)
