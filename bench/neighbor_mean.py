@@ -47,6 +47,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from mpi4py import MPI
+from tiny_call import tiny_costs  # bench/ is the script's directory, first on sys.path
 from tqdm import tqdm
 
 import bluefog_fn as bf
@@ -230,50 +231,6 @@ def hierarchical_payload(
     return rows
 
 
-def tiny_costs(comm: MPI.Comm, topo: bf.topology.DynamicTopology, reps: int) -> tuple[float, float]:
-    """Seconds per call of a cached one-element ``neighbor_mean`` and of the raw floor (one-element
-    ``Sendrecv`` with the same peer + average), each the median over rounds of 200 calls."""
-    rank, n = comm.Get_rank(), comm.Get_size()
-    tiny = {"x": torch.ones(1)}
-    one = np.ones(1, dtype=np.float32)
-    one_r = np.empty_like(one)
-    one_o = np.empty_like(one)
-    st = {"step": 0}
-
-    def bf_tiny() -> None:
-        st["step"] += 1
-        bf.neighbor_mean(tiny, topo, st["step"])
-
-    def floor_tiny() -> None:
-        st["step"] += 1
-        k = 1 << (st["step"] % topo.period)
-        if n > 1:
-            comm.Sendrecv(one, dest=(rank + k) % n, recvbuf=one_r, source=(rank - k) % n)
-        else:
-            np.copyto(one_r, one)
-        np.add(one, one_r, out=one_o)
-        np.multiply(one_o, 0.5, out=one_o)
-
-    def per_call(fn: Callable[[], None]) -> float:
-        for _ in range(200):
-            fn()
-        rounds = []
-        for _ in range(max(reps, 15)):
-            comm.Barrier()
-            t0 = time.perf_counter()
-            for _ in range(200):
-                fn()
-            rounds.append((time.perf_counter() - t0) / 200)
-        return float(comm.allreduce(statistics.median(rounds), op=MPI.MAX))
-
-    # Interleaved, so that both see the same machine load.
-    bf_times, floor_times = [], []
-    for _ in range(3):
-        bf_times.append(per_call(bf_tiny))
-        floor_times.append(per_call(floor_tiny))
-    return min(bf_times), min(floor_times)
-
-
 def world_of_one_cost() -> float:
     """Seconds per cached one-element ``neighbor_mean`` in a world of one (a fresh process
     without the MPI launcher's environment)."""
@@ -313,7 +270,7 @@ def main() -> None:
         }, args.reps)
         return
     if args.tiny:
-        t_bf, t_floor = tiny_costs(comm, topo, args.reps)
+        t_bf, t_floor = tiny_costs(comm, topo, max(args.reps, 15))
         if rank == 0:
             alone = world_of_one_cost()
             print(f"one-element tree, cached plan, {n} ranks: bf {t_bf * 1e6:.1f} us per call, floor (Sendrecv + "
@@ -332,7 +289,7 @@ def main() -> None:
     for name, leaves in payloads.items():
         rows += measure(name, leaves, topo, comm, args.reps)
 
-    t_bf, t_floor = tiny_costs(comm, topo, args.reps)
+    t_bf, t_floor = tiny_costs(comm, topo, max(args.reps, 15))
     dist.destroy_process_group()
     if rank == 0:
         print(f"\nneighbor_mean benchmark, {n} ranks ({'oversubscribed: distorted' if n > (os.cpu_count() or 1) else 'not oversubscribed'})")
