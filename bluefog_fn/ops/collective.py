@@ -120,6 +120,11 @@ def allgather(tree: Any) -> Any:
 
 def barrier_async() -> Handle[None]:
     """Start :func:`barrier`."""
+    if torch.compiler.is_compiling():
+        raise RuntimeError(
+            "barrier cannot run inside torch.compile: it returns nothing, so a compiled graph "
+            "would drop it; call bf.barrier() outside the compiled function"
+        )
     world = current()
     return world.executor.barrier(world)
 

@@ -169,3 +169,12 @@ def test_async_handle_inside_compile_is_complete() -> None:
 
     x = torch.arange(4.0, dtype=torch.float64) + ME
     all_ranks_agree(torch.equal(f(x), _compiled(f)(x)), "compiled async handle")
+
+
+def test_barrier_inside_compile_says_why_it_cannot_run() -> None:
+    def f(x: torch.Tensor) -> torch.Tensor:
+        bf.barrier()
+        return x + 1
+
+    with pytest.raises(Exception, match=r"barrier cannot run inside torch\.compile"):
+        _compiled(f)(torch.ones(1))
