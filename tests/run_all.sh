@@ -19,4 +19,5 @@ timeout 600 bfrun -np 4 python examples/extra.py --check 1e-8
 
 echo "=== hierarchical ops, 4 ranks as 2 machines of 2 ==="
 BLUEFOG_FN_RANKS_PER_MACHINE=2 timeout 600 bfrun -np 4 python -m pytest tests/mpi/test_hierarchical.py \
+    tests/mpi/test_module_optimizer.py -k hierarchical \
     -q -p no:cacheprovider -o addopts="--strict-markers" --timeout 240 -x "$@"

@@ -46,9 +46,9 @@ from .base import (
     cosine_decay_schedule,
     exponential_decay,
 )
+from .decentralized_optimizer import DecentralizedOptimizer
 from .local import AdamState, SgdState, adam, sgd
 from .module import (
-    DecentralizedOptimizer,
     allreduce_parameters,
     broadcast_optimizer_state,
     broadcast_parameters,

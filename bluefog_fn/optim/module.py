@@ -1,4 +1,6 @@
-"""``nn.Module`` + ``torch.optim`` front end: :class:`DecentralizedOptimizer` and broadcasts.
+"""``nn.Module`` front end: broadcasts and allreduce of modules, state dicts and ``torch.optim`` state.
+
+:class:`~bluefog_fn.optim.DecentralizedOptimizer` lives in :mod:`bluefog_fn.optim.decentralized_optimizer`.
 
 ``nn.Module`` and ``torch.optim.Optimizer`` are stateful objects, so this is the one place
 where the library updates tensors in place: the wrapper writes the averaged parameters back
@@ -11,8 +13,7 @@ Everything still goes through the functional ops, and the arithmetic is the one 
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Iterator
-from typing import Any, Literal
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -21,10 +22,7 @@ from ..ops import broadcast, global_mean
 from ..plan import check_rank_key
 from ..tree import flatten
 from ..world import current
-from .algorithms import Mixing
-from .base import AnyTopology, Params, fail
-
-Style = Literal["atc", "awc"]
+from .base import Params
 
 
 def _process_world(fn: str) -> None:
@@ -33,137 +31,6 @@ def _process_world(fn: str) -> None:
         raise TypeError(
             f"{fn}: nn.Module and torch.optim objects hold one agent's tensors, which have no agent "
             "dimension; inside bf.simulate(n) use the functional bf.optim algorithms on stacked trees"
-        )
-
-
-class DecentralizedOptimizer:
-    """Wraps a ``torch.optim`` optimizer so that ``step()`` also averages with the neighbours.
-
-    With ``x`` the module's trainable parameters and ``L(x)`` the wrapped optimizer's step:
-
-    * ``style="atc"`` (adapt-then-combine): ``x ← W · L(x)`` — the local step, then
-      :func:`bluefog_fn.neighbor_mean` of the result;
-    * ``style="awc"`` (adapt-with-combine): ``x ← W x + (L(x) − x)`` — the averaging of the
-      pre-step parameters is started asynchronously and runs while the local step is computed.
-
-    ``W`` comes from ``topology.at(round)``; ``communicate_every`` / ``global_every`` behave as
-    in :func:`~bluefog_fn.optim.atc` (iteration ``k`` communicates when ``k + 1`` is a multiple
-    of ``communicate_every``, and averages globally when it is a multiple of ``global_every``).
-    Buffers (e.g. batch-norm statistics) are not averaged, as in BlueFog.
-
-    Differences from BlueFog's ``DistributedAdaptThenCombineOptimizer`` & co.: one wrapper
-    with a ``style`` argument instead of a class per variant, no backward hooks and no mutable
-    flags — communication happens in ``step()`` only, so the call sequence is the same on
-    every rank by construction.
-
-    Args:
-        optimizer: a ``torch.optim.Optimizer`` over (a subset of) the module's parameters.
-        module: the ``nn.Module`` whose trainable parameters are averaged.
-        topology: a static or dynamic ``bf.topology`` graph of ``bf.size()`` ranks.
-        style: ``"atc"`` or ``"awc"``.
-        communicate_every: average only every ``k``-th step (local steps in between).
-        global_every: every ``m``-th step average globally instead.
-
-    Example:
-        >>> import torch, bluefog_fn as bf
-        >>> model = torch.nn.Linear(2, 1)
-        >>> _ = bf.broadcast_parameters(model, root=0)
-        >>> opt = bf.optim.DecentralizedOptimizer(
-        ...     torch.optim.SGD(model.parameters(), lr=0.1), model, bf.topology.ring(bf.size()))
-        >>> model(torch.ones(1, 2)).sum().backward()
-        >>> opt.step()
-        >>> opt.zero_grad()
-        >>> opt.steps
-        1
-
-    Reference:
-        Ying et al., "BlueFog: Make Decentralized Algorithms Practical for Optimization and Deep
-        Learning", arXiv:2111.04287, 2021.
-    """
-
-    def __init__(
-        self,
-        optimizer: torch.optim.Optimizer,
-        module: nn.Module,
-        topology: AnyTopology,
-        *,
-        style: Style = "atc",
-        communicate_every: int = 1,
-        global_every: int | None = None,
-    ) -> None:
-        fn = "DecentralizedOptimizer"
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"{fn}: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if not isinstance(module, nn.Module):
-            raise TypeError(f"{fn}: module must be a torch.nn.Module, got {type(module).__name__}")
-        if style not in ("atc", "awc"):
-            raise fail(fn, f"style must be 'atc' or 'awc', got {style!r}")
-        self._mixing = Mixing.checked(fn, topology, communicate_every, global_every)
-        _process_world(fn)
-        params = [p for p in module.parameters() if p.requires_grad]
-        for p in params:
-            if not p.is_floating_point():
-                raise TypeError(f"{fn}: module parameter of dtype {p.dtype} cannot be averaged")
-        self.optimizer = optimizer
-        self.module = module
-        self.style: Style = style
-        self._params = params
-        self._steps = 0
-
-    @property
-    def steps(self) -> int:
-        """Number of ``step()`` calls so far: the iteration index of the next one."""
-        return self._steps
-
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        """The wrapped optimizer's parameter groups (to change the learning rate, say)."""
-        return self.optimizer.param_groups
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear the gradients (delegates to the wrapped optimizer)."""
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """One local step of the wrapped optimizer plus the averaging; returns the closure's loss."""
-        k = self._steps
-        params = self._params
-        if self.style == "awc":
-            with torch.no_grad():
-                # Clones: large leaves are sent straight from the given memory, and the local
-                # step below updates the parameters in place while the messages travel.
-                before = [p.detach().clone() for p in params]
-            handle = self._mixing.start(before, k)
-            loss = self.optimizer.step(closure)
-            mixed = handle.wait()
-            with torch.no_grad():
-                for p, b, m in zip(params, before, mixed, strict=True):
-                    p.copy_(m + (p - b))
-        else:
-            loss = self.optimizer.step(closure)
-            mixed = self._mixing.start([p.detach() for p in params], k).wait()
-            with torch.no_grad():
-                for p, m in zip(params, mixed, strict=True):
-                    p.copy_(m)
-        self._steps = k + 1
-        return loss
-
-    def state_dict(self) -> dict[str, Any]:
-        """The wrapped optimizer's state and the step count (the dynamic topology's position)."""
-        return {"optimizer": self.optimizer.state_dict(), "steps": self._steps}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
-        if not isinstance(state, dict) or set(state) != {"optimizer", "steps"}:
-            raise fail("DecentralizedOptimizer.load_state_dict", "state must be a dict from state_dict()")
-        self.optimizer.load_state_dict(state["optimizer"])
-        self._steps = int(state["steps"])
-
-    def __repr__(self) -> str:
-        return (
-            f"DecentralizedOptimizer({type(self.optimizer).__name__}, style={self.style!r}, "
-            f"topology={self._mixing.topology!r}, communicate_every={self._mixing.communicate_every}, "
-            f"global_every={self._mixing.global_every})"
         )
 
 

@@ -1,0 +1,391 @@
+""":class:`DecentralizedOptimizer`: a ``torch.optim`` optimizer whose ``step()`` also communicates.
+
+The styles follow BlueFog's optimizer wrappers; each is one line of arithmetic over the
+module's trainable parameters ``x``, their gradients ``g`` and the wrapped optimizer's
+in-place step ``L``.  The exchanges are the public ops (``neighbor_mean_async``,
+``global_mean_async``, ``hierarchical_neighbor_mean_async``, :class:`~bluefog_fn.Window`),
+run per bucket of parameters (:mod:`bluefog_fn.optim.buckets`).  The buckets are the same
+with and without ``overlap``; overlap only moves the *start* of a bucket's exchange earlier
+(into backward), so both give the same bits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from ..ops import barrier, global_mean_async, hierarchical_neighbor_mean_async, neighbor_mean_async
+from ..ops.handle import Handle
+from ..ops.window import Window
+from ..world import current
+from .algorithms import Mixing
+from .base import AnyTopology, check_number, fail
+from .buckets import BucketHooks, form_buckets
+from .module import _process_world
+
+Style = Literal["atc", "awc", "gradient_allreduce", "allreduce", "push_sum", "win_put", "hierarchical"]
+STYLES: tuple[str, ...] = ("atc", "awc", "gradient_allreduce", "allreduce", "push_sum", "win_put", "hierarchical")
+# Exchanges started from gradient hooks: they need only what backward has produced.
+_HOOKED = ("awc", "gradient_allreduce")
+# One window over every parameter: no buckets.
+_WINDOWED = ("push_sum", "win_put")
+
+
+class DecentralizedOptimizer:
+    """Wraps a ``torch.optim`` optimizer so that ``step()`` also averages over the ranks.
+
+    With ``x`` the module's trainable parameters, ``g`` their gradients and ``L(x)`` the
+    wrapped optimizer's step, on a communicating step (see ``communicate_every``):
+
+    * ``"atc"`` (adapt-then-combine): ``x ← W · L(x)`` (:func:`bluefog_fn.neighbor_mean`);
+    * ``"awc"`` (adapt-with-combine): ``x ← W x + (L(x) − x)``;
+    * ``"gradient_allreduce"``: ``g ← mean_r g_r``, then ``x ← L(x)`` — what DDP does
+      (a parameter without a gradient counts zeros in the mean and then has one);
+    * ``"allreduce"``: ``x ← mean_r L(x)_r`` (:func:`bluefog_fn.global_mean` of the parameters);
+    * ``"push_sum"``: push-sum over a :class:`bluefog_fn.Window`, as
+      :func:`bluefog_fn.optim.push_sum`: ``u ← A · L(u)``, ``w ← A w``, ``x = u / w`` with the
+      column-stochastic shares ``A`` of ``topology.at(round)`` (directed graphs welcome);
+    * ``"win_put"``: ``L(x)`` is put into the out-neighbours' window slots, then
+      ``x ← w_ii L(x)_i + Σ_j w_ij L(x)_j`` from the slots (BlueFog's
+      ``DistributedWinPutOptimizer``; with a barrier after the puts, so it equals ``W · L(x)``);
+    * ``"hierarchical"``: ``x ← (W_M ⊗ I_L)(I_M ⊗ 11ᵀ/L) L(x)``
+      (:func:`bluefog_fn.hierarchical_neighbor_mean`); ``topology`` is then the *machine*
+      topology over ``bf.machine_size()`` machines.
+
+    ``W`` comes from ``topology.at(round)`` with ``round = k // communicate_every``.  Iteration
+    ``k`` communicates when ``k + 1`` is a multiple of ``communicate_every`` (otherwise it is the
+    local step alone) and, for the neighbour styles, averages globally instead when it is a
+    multiple of ``global_every``.  Buffers (e.g. batch-norm statistics) are not averaged, as in
+    BlueFog; frozen parameters (``requires_grad=False``) are left alone.
+
+    BlueFog's per-step knobs are attributes, read by every following communicating step until
+    changed: ``self_weight``, ``src_weights`` and ``dst_weights`` (``None``: the topology's).
+    They are passed to ``neighbor_mean`` (atc, awc), to the window's ``put``/``update``
+    (win_put) and, as machine weights, to ``hierarchical_neighbor_mean``; global averages and
+    push-sum ignore them.  Every rank must set them consistently, as with the ops.
+
+    **Overlap.** The parameters are split into buckets of at most ``bucket_cap_mb`` megabytes
+    in reverse registration order (as DDP), and each bucket is exchanged with the ``_async``
+    op.  With ``overlap=True``, for ``awc`` and ``gradient_allreduce`` a bucket's exchange
+    starts from a gradient hook (``register_post_accumulate_grad_hook``) as soon as every
+    gradient of the bucket has been accumulated, so it runs while backward computes the
+    earlier layers; ``step()`` waits only for what is still in flight.  For ``atc``,
+    ``allreduce`` and ``hierarchical`` the exchange needs ``L(x)``, which a generic
+    ``torch.optim`` computes for all parameters at once in ``step()``: there every bucket is
+    started right after the local step and they are waited for in order, so the later buckets'
+    messages travel while the earlier ones are written back.  ``push_sum`` and ``win_put``
+    move one window and ignore ``overlap``.  The results do not depend on ``overlap``: the
+    same buckets carry the same values either way.  A parameter used twice in a forward pass
+    fires its hook once, after accumulation; a second ``backward()`` before ``step()``
+    restarts the buckets it touches with the new gradients.  If a rank skips ``backward()``,
+    its buckets start in ``step()``, in bucket order; a rank that never calls ``step()``
+    makes the others fail after ``BLUEFOG_FN_TIMEOUT``.
+
+    Args:
+        optimizer: a ``torch.optim.Optimizer`` over (a subset of) the module's parameters.
+        module: the ``nn.Module`` whose trainable parameters are averaged.
+        topology: a static or dynamic ``bf.topology`` graph of ``bf.size()`` ranks
+            (``"hierarchical"``: of ``bf.machine_size()`` machines; unused by the allreduce styles
+            but checked).
+        style: one of ``"atc"``, ``"awc"``, ``"gradient_allreduce"``, ``"allreduce"``,
+            ``"push_sum"``, ``"win_put"``, ``"hierarchical"``.
+        communicate_every: communicate only every ``k``-th step (local steps in between).
+        global_every: for atc/awc/hierarchical, every ``m``-th step average globally instead.
+        overlap: start exchanges from gradient hooks where the style allows (see above).
+        bucket_cap_mb: the largest bucket, in megabytes (a larger parameter is a bucket alone).
+
+    Example:
+        >>> import torch, bluefog_fn as bf
+        >>> model = torch.nn.Linear(2, 1)
+        >>> _ = bf.broadcast_parameters(model, root=0)
+        >>> opt = bf.optim.DecentralizedOptimizer(
+        ...     torch.optim.SGD(model.parameters(), lr=0.1), model, bf.topology.ring(bf.size()))
+        >>> model(torch.ones(1, 2)).sum().backward()
+        >>> opt.step()
+        >>> opt.zero_grad()
+        >>> opt.steps
+        1
+
+    Reference:
+        Ying et al., "BlueFog: Make Decentralized Algorithms Practical for Optimization and Deep
+        Learning", arXiv:2111.04287, 2021.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        module: nn.Module,
+        topology: AnyTopology,
+        *,
+        style: Style = "atc",
+        communicate_every: int = 1,
+        global_every: int | None = None,
+        overlap: bool = True,
+        bucket_cap_mb: float = 25.0,
+    ) -> None:
+        fn = "DecentralizedOptimizer"
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"{fn}: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"{fn}: module must be a torch.nn.Module, got {type(module).__name__}")
+        if style not in STYLES:
+            raise fail(fn, f"style must be one of {', '.join(map(repr, STYLES))}, got {style!r}")
+        if not isinstance(overlap, bool):
+            raise TypeError(f"{fn}: overlap must be a bool, got {type(overlap).__name__} {overlap!r}")
+        cap = check_number(fn, "bucket_cap_mb", bucket_cap_mb)
+        if cap <= 0:
+            raise fail(fn, f"bucket_cap_mb must be > 0, got {bucket_cap_mb!r}")
+        self._mixing = Mixing.checked(fn, topology, communicate_every, global_every)
+        _process_world(fn)
+        world = current()
+        expected = world.machine_size if style == "hierarchical" else world.size
+        if topology.size != expected:
+            what = "bf.machine_size()" if style == "hierarchical" else "bf.size()"
+            raise fail(fn, f"topology has {topology.size} nodes but {what} is {expected}")
+        params = [p for p in module.parameters() if p.requires_grad]
+        for p in params:
+            if not p.is_floating_point():
+                raise TypeError(f"{fn}: module parameter of dtype {p.dtype} cannot be averaged")
+        self.optimizer = optimizer
+        self.module = module
+        self.style: Style = style
+        self.overlap = overlap
+        self.bucket_cap_mb = cap
+        self.self_weight: float | None = None
+        self.src_weights: Any = None
+        self.dst_weights: Any = None
+        self._params = params
+        self._steps = 0
+        self._buckets = form_buckets(params, int(cap * 2**20))
+        self._before: dict[int, list[torch.Tensor]] = {}  # awc: the pre-step values sent per bucket
+        self._hooks: BucketHooks | None = None
+        if overlap and style in _HOOKED:
+            self._hooks = BucketHooks(params, self._buckets, self._start_hooked, self._communicates_now)
+        self._window: Window | None = None
+        self._numerator: list[torch.Tensor] = []
+        self._weight = torch.ones((), dtype=torch.float64)
+        if style in _WINDOWED:
+            with torch.no_grad():
+                self._numerator = [p.detach().clone() for p in params]
+            tree: Any = (self._numerator, self._weight) if style == "push_sum" else self._numerator
+            self._window = Window(tree, topology)  # collective
+
+    # ------------------------------------------------------------------------ properties
+
+    @property
+    def steps(self) -> int:
+        """Number of ``step()`` calls so far: the iteration index of the next one."""
+        return self._steps
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The wrapped optimizer's parameter groups (to change the learning rate, say)."""
+        return self.optimizer.param_groups
+
+    @property
+    def buckets(self) -> list[list[str]]:
+        """The parameter names of each bucket, in the order their exchanges are issued."""
+        names = {id(p): n for n, p in self.module.named_parameters()}
+        return [[names.get(id(self._params[i]), str(i)) for i in b] for b in self._buckets]
+
+    @property
+    def push_sum_weight(self) -> torch.Tensor:
+        """``"push_sum"``: this rank's push-sum weight ``w`` (``Σ_r w_r = bf.size()``)."""
+        return self._weight.clone()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the gradients (delegates to the wrapped optimizer)."""
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    # ------------------------------------------------------------------------ the exchanges
+
+    def _communicates(self, k: int) -> bool:
+        return (k + 1) % self._mixing.communicate_every == 0
+
+    def _communicates_now(self) -> bool:
+        return self._communicates(self._steps)
+
+    def _is_global(self, k: int) -> bool:
+        g = self._mixing.global_every
+        return g is not None and (k + 1) % g == 0
+
+    def _exchange(self, tensors: list[torch.Tensor], k: int) -> Handle[Any]:
+        """Start this style's averaging of ``tensors`` for iteration ``k`` (a communicating one)."""
+        style = self.style
+        rnd = k // self._mixing.communicate_every
+        topo = self._mixing.topology
+        if style in ("gradient_allreduce", "allreduce") or self._is_global(k):
+            return global_mean_async(tensors)
+        if style == "hierarchical":
+            return hierarchical_neighbor_mean_async(
+                tensors, topo, rnd, self_weight=self.self_weight,
+                src_machine_weights=self.src_weights, dst_machine_weights=self.dst_weights,
+            )
+        return neighbor_mean_async(
+            tensors, topo, rnd, self_weight=self.self_weight, src_weights=self.src_weights,
+            dst_weights=self.dst_weights,
+        )
+
+    def _grads(self, b: int) -> list[torch.Tensor]:
+        out = []
+        for i in self._buckets[b]:
+            p = self._params[i]
+            out.append(p.grad.detach() if p.grad is not None else torch.zeros_like(p))
+        return out
+
+    def _start_hooked(self, b: int) -> Handle[Any]:
+        """The exchange of bucket ``b`` that can start once its gradients are there."""
+        k = self._steps
+        if self.style == "gradient_allreduce":
+            return self._exchange(self._grads(b), k)
+        with torch.no_grad():
+            # A copy: the local step updates the parameters in place while the messages travel.
+            before = [self._params[i].detach().clone() for i in self._buckets[b]]
+        self._before[b] = before
+        return self._exchange(before, k)
+
+    def _hooked_handles(self) -> list[tuple[int, Handle[Any]]]:
+        if self._hooks is not None:
+            return self._hooks.pending()
+        return [(b, self._start_hooked(b)) for b in range(len(self._buckets))]
+
+    # ------------------------------------------------------------------------ step
+
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """One local step of the wrapped optimizer plus the style's averaging; returns the closure's loss."""
+        k = self._steps
+        if self.style in _WINDOWED:
+            loss = self._step_window(closure, k)
+        elif not self._communicates(k):
+            if self._hooks is not None:
+                self._hooks.reset()
+            loss = self.optimizer.step(closure)
+        elif self.style == "gradient_allreduce":
+            if closure is not None:
+                raise fail("DecentralizedOptimizer.step", "style 'gradient_allreduce' averages the gradients of "
+                           "the last backward(); pass no closure")
+            handles = self._hooked_handles()
+            with torch.no_grad():
+                for b, h in handles:
+                    for i, m in zip(self._buckets[b], h.wait(), strict=True):
+                        p = self._params[i]
+                        if p.grad is None:
+                            p.grad = m.clone()
+                        else:
+                            p.grad.copy_(m)
+            loss = self.optimizer.step()
+        elif self.style == "awc":
+            # With hooks, a closure's backward fires them, so their handles are collected after it.
+            early = self._hooked_handles() if self._hooks is None or closure is None else []
+            loss = self.optimizer.step(closure)
+            handles = early or self._hooked_handles()
+            with torch.no_grad():
+                for b, h in handles:
+                    before = self._before.pop(b)
+                    for i, x0, m in zip(self._buckets[b], before, h.wait(), strict=True):
+                        p = self._params[i]
+                        p.copy_(m + (p - x0))
+        else:  # atc, allreduce, hierarchical: combine the adapted parameters
+            loss = self.optimizer.step(closure)
+            handles = [
+                (b, self._exchange([self._params[i].detach() for i in idx], k))
+                for b, idx in enumerate(self._buckets)
+            ]
+            with torch.no_grad():
+                for b, h in handles:
+                    for i, m in zip(self._buckets[b], h.wait(), strict=True):
+                        self._params[i].copy_(m)
+        self._steps = k + 1
+        return loss
+
+    def _step_window(self, closure: Callable[[], float] | None, k: int) -> float | None:
+        params, window = self._params, self._window
+        assert window is not None
+        rnd = k // self._mixing.communicate_every
+        with torch.no_grad():
+            if self.style == "push_sum":
+                # The local step moves the numerator u (gradients were taken at x = u / w).
+                for p, u in zip(params, self._numerator, strict=True):
+                    p.copy_(u)
+        loss = self.optimizer.step(closure)
+        with torch.no_grad():
+            adapted = [p.detach().clone() for p in params]
+            if not self._communicates(k):
+                if self.style == "push_sum":
+                    self._numerator = adapted
+                    for p, u in zip(params, adapted, strict=True):
+                        p.copy_(u / self._weight.to(u.dtype))
+                return loss
+            if self.style == "push_sum":
+                share = window.uniform_share(rnd)
+                pushed = ([u * share.to(u.dtype) for u in adapted], self._weight * share)
+                window.accumulate(pushed, step=rnd)
+                barrier()
+                numerator, weight = window.collect(pushed, step=rnd)
+                barrier()
+                self._numerator, self._weight = list(numerator), weight
+                for p, u in zip(params, self._numerator, strict=True):
+                    p.copy_(u / weight.to(u.dtype))
+            else:
+                window.put(adapted, self.dst_weights, step=rnd)
+                barrier()  # every put has landed before anyone combines
+                mixed = window.update(
+                    adapted, self_weight=self.self_weight, src_weights=self.src_weights, step=rnd
+                )
+                barrier()  # nobody puts the next step's values into a slot still being read
+                for p, m in zip(params, mixed, strict=True):
+                    p.copy_(m)
+        return loss
+
+    # ------------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped optimizer's state and the step count (the dynamic topology's position).
+
+        ``"push_sum"`` adds the numerator ``u`` and weight ``w``.  Works with
+        :func:`bluefog_fn.checkpoint.save`.
+        """
+        state: dict[str, Any] = {"optimizer": self.optimizer.state_dict(), "steps": self._steps}
+        if self.style == "push_sum":
+            state["numerator"] = [u.clone() for u in self._numerator]
+            state["weight"] = self._weight.clone()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (the module's parameters are restored separately)."""
+        fn = "DecentralizedOptimizer.load_state_dict"
+        keys = {"optimizer", "steps"} | ({"numerator", "weight"} if self.style == "push_sum" else set())
+        if not isinstance(state, dict) or set(state) != keys:
+            raise fail(fn, f"state must be a dict from state_dict() of a style={self.style!r} optimizer "
+                       f"(keys {sorted(keys)})")
+        if self.style == "push_sum":
+            num = state["numerator"]
+            if len(num) != len(self._params) or any(u.shape != p.shape for u, p in zip(num, self._params, strict=True)):
+                raise fail(fn, "state['numerator'] does not match the module's trainable parameters")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self._steps = int(state["steps"])
+        if self.style == "push_sum":
+            self._numerator = [u.detach().clone().to(p.dtype) for u, p in zip(state["numerator"], self._params, strict=True)]
+            self._weight = state["weight"].detach().clone().to(torch.float64)
+        if self.style == "win_put":
+            with torch.no_grad():
+                self._numerator = [p.detach().clone() for p in self._params]
+
+    def free(self) -> None:
+        """Release the window of ``"push_sum"``/``"win_put"`` (collective) and the gradient hooks."""
+        if self._hooks is not None:
+            self._hooks.remove()
+            self._hooks = None
+        if self._window is not None:
+            self._window.free()
+            self._window = None
+
+    def __repr__(self) -> str:
+        return (
+            f"DecentralizedOptimizer({type(self.optimizer).__name__}, style={self.style!r}, "
+            f"topology={self._mixing.topology!r}, communicate_every={self._mixing.communicate_every}, "
+            f"global_every={self._mixing.global_every}, overlap={self.overlap})"
+        )

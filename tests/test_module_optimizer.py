@@ -1,0 +1,118 @@
+"""``DecentralizedOptimizer`` in a world of one: buckets, hooks and argument checks.
+
+The multi-rank arithmetic is tested against dense references in tests/mpi/test_module_optimizer.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import bluefog_fn as bf
+from bluefog_fn import topology as T
+from bluefog_fn.optim.buckets import form_buckets
+
+STYLES = ["atc", "awc", "gradient_allreduce", "allreduce", "push_sum", "win_put", "hierarchical"]
+
+
+def _model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+
+
+def test_buckets_are_reverse_order_and_capped() -> None:
+    params = [torch.zeros(4, dtype=torch.float64) for _ in range(5)]  # 32 bytes each
+    assert form_buckets(params, 64) == [[4, 3], [2, 1], [0]]
+    assert form_buckets(params, 1) == [[4], [3], [2], [1], [0]]
+    assert form_buckets(params, 10**9) == [[4, 3, 2, 1, 0]]
+    assert form_buckets([], 64) == []
+
+
+def test_bucket_names_skip_frozen_parameters() -> None:
+    model = _model()
+    model[0].requires_grad_(False)
+    opt = bf.optim.DecentralizedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), model, T.ring(1), bucket_cap_mb=1e-6
+    )
+    assert opt.buckets == [["4.bias"], ["4.weight"], ["2.bias"], ["2.weight"]]
+
+
+@pytest.mark.parametrize("style", ["awc", "gradient_allreduce"])
+def test_exchanges_start_during_backward_with_overlap(style: str) -> None:
+    model = _model()
+    opt = bf.optim.DecentralizedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), model, T.ring(1), style=style, bucket_cap_mb=1e-6  # type: ignore[arg-type]
+    )
+    hooks = opt._hooks
+    assert hooks is not None
+    model(torch.ones(2, 3, dtype=torch.float64)).sum().backward()
+    assert hooks.in_flight() == len(opt.buckets) == 6
+    opt.step()
+    assert hooks.in_flight() == 0
+    off = bf.optim.DecentralizedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), model, T.ring(1), style=style, overlap=False  # type: ignore[arg-type]
+    )
+    assert off._hooks is None
+
+
+def test_a_reused_parameter_starts_its_bucket_once() -> None:
+    lin = nn.Linear(2, 2).double()
+    model = nn.Sequential(lin, lin)
+    started: list[int] = []
+    opt = bf.optim.DecentralizedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), model, T.ring(1), style="gradient_allreduce", bucket_cap_mb=1e-6
+    )
+    inner = opt._start_hooked
+
+    def spy(b: int) -> bf.Handle[object]:
+        started.append(b)
+        return inner(b)
+
+    assert opt._hooks is not None
+    opt._hooks.start = spy
+    model(torch.ones(1, 2, dtype=torch.float64)).sum().backward()
+    assert sorted(started) == [0, 1]
+    opt.step()
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_world_of_one_is_the_local_optimizer(style: str) -> None:
+    a, b = _model(), _model()
+    opt = bf.optim.DecentralizedOptimizer(
+        torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.9), a, T.ring(1), style=style  # type: ignore[arg-type]
+    )
+    plain = torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9)
+    x = torch.linspace(0, 1, 6, dtype=torch.float64).reshape(2, 3)
+    for _ in range(3):
+        for m, o in ((a, opt), (b, plain)):
+            o.zero_grad()
+            m(x).pow(2).sum().backward()
+            o.step()
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-14, rtol=1e-14)
+    opt.free()
+
+
+def test_bad_arguments_name_the_function_and_value() -> None:
+    model = _model()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match="DecentralizedOptimizer: overlap must be a bool, got str 'yes'"):
+        bf.optim.DecentralizedOptimizer(sgd, model, T.ring(1), overlap="yes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="DecentralizedOptimizer: bucket_cap_mb must be > 0, got 0"):
+        bf.optim.DecentralizedOptimizer(sgd, model, T.ring(1), bucket_cap_mb=0)
+    with pytest.raises(ValueError, match=r"DecentralizedOptimizer: topology has 2 nodes but bf.size\(\) is 1"):
+        bf.optim.DecentralizedOptimizer(sgd, model, T.ring(2))
+    opt = bf.optim.DecentralizedOptimizer(sgd, model, T.ring(1), style="push_sum")
+    with pytest.raises(ValueError, match="load_state_dict: state must be a dict from state_dict"):
+        opt.load_state_dict({"optimizer": sgd.state_dict(), "steps": 0})
+    opt.free()
+    ga = bf.optim.DecentralizedOptimizer(sgd, model, T.ring(1), style="gradient_allreduce")
+    with pytest.raises(ValueError, match="pass no closure"):
+        ga.step(lambda: 0.0)
+
+
+def test_inside_simulate_is_refused() -> None:
+    model = _model()
+    with bf.simulate(2), pytest.raises(TypeError, match=r"DecentralizedOptimizer: nn\.Module"):
+        bf.optim.DecentralizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, T.ring(2))
