@@ -62,6 +62,18 @@ def _combine_many(x, recv, weights, ws, out):  # type: ignore[no-untyped-def]
         out[i] = acc
 
 
+@numba.njit(cache=_NUMBA_CACHE, nogil=True, boundscheck=False)
+def _combine_rows(x, rows, weights, ws, out):  # type: ignore[no-untyped-def]
+    # rows: a tuple of separate 1-D arrays (peers' buffers in place); _combine_many's order.
+    n = x.shape[0]
+    k = len(rows)
+    for i in range(n):
+        acc = ws * np.float64(x[i])
+        for j in range(k):
+            acc += weights[j] * np.float64(rows[j][i])
+        out[i] = acc
+
+
 _NUMBA_DTYPES = (torch.float32, torch.float64)
 
 
@@ -85,6 +97,34 @@ def combine_arrays(
         _combine3(x, recv[0], recv[1], recv[2], weights[0], weights[1], weights[2], self_weight, out)
     else:
         _combine_many(x, recv, np.asarray(weights, dtype=np.float64), self_weight, out)
+
+
+def combine_rows(
+    x: np.ndarray, rows: Sequence[np.ndarray], weights: Sequence[float], self_weight: float, out: np.ndarray
+) -> None:
+    """:func:`combine_arrays` with the received rows as separate 1-D arrays (float32/float64),
+    e.g. peers' buffers read in place; the same arithmetic, so the same bits."""
+    k = len(rows)
+    if k == 0:
+        _combine0(x, self_weight, out)
+    elif k == 1:
+        _combine1(x, rows[0], weights[0], self_weight, out)
+    elif k == 2:
+        _combine2(x, rows[0], rows[1], weights[0], weights[1], self_weight, out)
+    elif k == 3:
+        _combine3(x, rows[0], rows[1], rows[2], weights[0], weights[1], weights[2], self_weight, out)
+    else:
+        _combine_rows(x, tuple(rows), np.asarray(weights, dtype=np.float64), self_weight, out)
+
+
+def combine_tensor_rows(
+    x: torch.Tensor, rows: Sequence[torch.Tensor], weights: Sequence[float], self_weight: float, out: torch.Tensor
+) -> None:
+    """:func:`combine`'s torch path (half types) with the rows as separate tensors."""
+    acc = x.to(torch.float32) * self_weight
+    for r, w in zip(rows, weights, strict=True):
+        acc.add_(r.to(torch.float32), alpha=float(w))
+    out.copy_(acc)
 
 
 def combine(

@@ -206,6 +206,12 @@ class CallWire:
         self.floor: int | None = None  # every call below it has posted all its receives
         self.open_code = 0  # ``floor`` as a code, for probes (0: unknown, nothing is stale)
         self._status = MPI.Status()
+        self.idle_hooks: list[Callable[[], None]] = []
+
+    def idle(self) -> None:
+        """A wait found nothing new for a while: run the idle hooks (see ``MpiTransport.on_idle``)."""
+        for hook in self.idle_hooks:
+            hook()
 
     def begin(self, call: int, floor: int) -> None:
         """This rank starts call ``call``; calls below ``floor`` have posted all their receives.
@@ -319,18 +325,35 @@ class _Exchange:
         self._what = what
         self._departures = departures
         self._finished = False
+        # Statuses of the receives when :meth:`done` saw everything complete (Testall frees the
+        # requests, so :meth:`completed` must not poll them again).
+        self._landed: list[MPI.Status] | None = None
 
     def done(self) -> bool:
-        if self._finished:
+        if self._finished or self._landed is not None:
             return True
-        return bool(MPI.Request.Testall(self._recv_reqs + self._send_reqs))
+        statuses = [MPI.Status() for _ in range(len(self._recv_reqs) + len(self._send_reqs))]
+        try:
+            if not MPI.Request.Testall(self._recv_reqs + self._send_reqs, statuses):
+                return False  # nothing was completed or freed
+        except MPI.Exception as exc:
+            raise self._failed(statuses, exc) from exc
+        self._landed = statuses[: len(self._recv_reqs)]
+        return True
 
     def _probe(self) -> None:
         self._wire.probe(self._call)
+        self._wire.idle()
 
     def completed(self) -> Iterator[int]:
         """Yield the index of each receive as it lands (checked), then finish the sends."""
         if self._finished:
+            return
+        if self._landed is not None:  # done() saw every request complete
+            self._finished = True
+            for i, status in enumerate(self._landed):
+                self._check(i, status)
+                yield i
             return
         backoff: _Backoff | None = None
         remaining = len(self._recv_reqs)
@@ -339,10 +362,7 @@ class _Exchange:
             try:
                 indices = MPI.Request.Testsome(self._recv_reqs, statuses)
             except MPI.Exception as exc:
-                raise MismatchError(
-                    f"{self._what}: a peer sent more data than expected ({exc.Get_error_string()}); "
-                    "ranks are calling with different tree shapes or dtypes"
-                ) from exc
+                raise self._failed(statuses, exc) from exc
             if not indices:
                 if backoff is None:  # started lazily: most small exchanges complete at once
                     backoff = _Backoff(self._timeout, self._what, self._probe, self._departures)
@@ -358,6 +378,25 @@ class _Exchange:
     def wait(self) -> None:
         for _ in self.completed():
             pass
+
+    def _failed(self, statuses: list[MPI.Status], exc: MPI.Exception) -> MismatchError:
+        """The error for a receive MPI failed (a message larger than its buffer): a message of
+        another call is a divergence (``CallMismatchError``, the peer is told), else a size mismatch."""
+        self._cancel()
+        for status in statuses:
+            if status.Get_source() < 0 or status.Get_error() == MPI.SUCCESS:
+                continue  # not filled in, or a request that completed fine
+            peer, tag = status.Get_source(), status.Get_tag()
+            if tag != self._tag:
+                return self._wire.mismatch(peer, tag, self._tag, self._call)
+            return MismatchError(
+                f"{self._what}: rank {peer} sent more data than expected ({exc.Get_error_string()}); "
+                "ranks are calling with different tree shapes or dtypes"
+            )
+        return MismatchError(
+            f"{self._what}: a peer sent more data than expected ({exc.Get_error_string()}); "
+            "ranks are calling with different tree shapes or dtypes"
+        )
 
     def _check(self, i: int, status: MPI.Status) -> None:
         peer, buf = self._sources[i], self._recv_bufs[i]
@@ -435,6 +474,7 @@ class MpiTransport:
         # The thread level MPI was initialized with, for the front end to warn about MULTIPLE
         # (set by whoever imported mpi4py.MPI first; see the top of this module).
         self.thread_level: str = _THREAD_LEVELS.get(MPI.Query_thread(), "unknown")
+        self._host_memories: list[MpiHostMemory] = []
 
     def close(self) -> None:
         """Leave the job: tell every rank, wait (bounded) until every rank left, release both
@@ -458,6 +498,9 @@ class MpiTransport:
             backoff.idle([], [])
         _wait_all(sends, self.timeout, "shutdown", [r for r in range(self.size) if r != self.rank])
         # Every rank is here: freeing cannot wait on an absent one.
+        for memory in self._host_memories:
+            memory.close()
+        self._host_memories = []
         self.comm.Free()
         control.Free()
 
@@ -493,6 +536,7 @@ class MpiTransport:
 
     def _probe(self) -> None:
         self.wire.probe(self.wire.call)
+        self.wire.idle()
 
     def _collective(self, request: MPI.Request, what: str) -> _Collective:
         # A collective never marks its call posted: the transport cannot tell whether the call is
@@ -521,24 +565,107 @@ class MpiTransport:
 
     def allgather_object(self, obj: Any, what: str = "agreement") -> list[Any]:
         # Small pickled payloads only (agreement digests); bounded by the same deadline as data.
-        payload = np.frombuffer(pickle.dumps(obj), dtype=np.uint8)
-        sizes = np.zeros(self.size, dtype=np.int64)
-        mine = np.array([payload.size], dtype=np.int64)
-        self._collective(self.comm.Iallgather(mine, sizes), what).wait()
-        recv = np.empty(int(sizes.sum()), dtype=np.uint8)
-        displs = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist()
-        self._collective(
-            self.comm.Iallgatherv([payload, MPI.BYTE], [recv, (sizes.tolist(), displs), MPI.BYTE]), what
-        ).wait()
-        out = []
-        for r in range(self.size):
-            start = displs[r]
-            out.append(pickle.loads(recv[start : start + int(sizes[r])].tobytes()))
-        return out
+        return _allgather_object(self.comm, obj, lambda req: self._collective(req, what))
 
     def window_create(self, nbytes: int) -> MpiWindow:
         # Collective; the front end enters it on every rank after the same agreement check.
         return MpiWindow(self.comm, nbytes, self.timeout)
+
+    def host_memory(self, machine: int) -> MpiHostMemory:
+        """Collective: the shared memory of the ranks of machine ``machine`` that MPI can map
+        into one another (``MPI_COMM_TYPE_SHARED`` within the machine).  Released at
+        :meth:`close`, after every rank left the job."""
+        memory = MpiHostMemory(self.comm, machine, self.timeout)
+        self._host_memories.append(memory)
+        return memory
+
+    def probe_divergence(self) -> None:
+        """Raise ``CallMismatchError`` if a mismatch notice or a stale message waits (one Iprobe)."""
+        self.wire.probe(self.wire.call)
+
+    def on_idle(self, hook: Callable[[], None]) -> None:
+        """Run ``hook`` now and then while this rank waits for MPI (e.g. to give back shared
+        buffers peers need: a rank blocked here must not hold up a peer that waits for it)."""
+        self.wire.idle_hooks.append(hook)
+
+    def notify_mismatch(self, peer: int, call: int | None) -> None:
+        """Tell ``peer`` (never blocking) that this rank found its calls diverged from ours."""
+        self.wire.notify(peer, call)
+
+
+def _allgather_object(comm: MPI.Comm, obj: Any, collective: Callable[[MPI.Request], _Collective]) -> list[Any]:
+    """Every rank's small picklable ``obj``, in rank order; each step bounded by ``collective``."""
+    size = comm.Get_size()
+    payload = np.frombuffer(pickle.dumps(obj), dtype=np.uint8)
+    sizes = np.zeros(size, dtype=np.int64)
+    mine = np.array([payload.size], dtype=np.int64)
+    collective(comm.Iallgather(mine, sizes)).wait()
+    recv = np.empty(int(sizes.sum()), dtype=np.uint8)
+    displs = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist()
+    collective(comm.Iallgatherv([payload, MPI.BYTE], [recv, (sizes.tolist(), displs), MPI.BYTE])).wait()
+    return [pickle.loads(recv[displs[r] : displs[r] + int(sizes[r])].tobytes()) for r in range(size)]
+
+
+class MpiHostMemory:
+    """Memory shared by the ranks of one machine: ``MPI_Win_allocate_shared`` windows on a
+    communicator of those ranks (split by machine, then by what MPI can map: a machine of
+    ``BLUEFOG_FN_RANKS_PER_MACHINE`` is a group of ranks, which need not share a host).
+
+    The splits and allocations have no non-blocking form: each is entered only after a polled
+    barrier showed every member is there, and runs under a :class:`Watchdog`.  Windows are
+    freed at :meth:`close` (the transport calls it once every rank has left).
+    """
+
+    def __init__(self, comm: MPI.Comm, machine: int, timeout: float) -> None:
+        self.timeout = timeout
+        self.watchdog = Watchdog()
+        what = "init (same-host shared memory: grouping the ranks of each machine)"
+        size = comm.Get_size()
+        _Collective(comm.Ibarrier(), what, timeout, size=size).wait()
+        with self.watchdog.guard(f"{what}: MPI_Comm_split", timeout):
+            part = comm.Split(machine, key=comm.Get_rank())
+        try:
+            _Collective(part.Ibarrier(), what, timeout, size=part.Get_size()).wait()
+            with self.watchdog.guard(f"{what}: MPI_Comm_split_type", timeout):
+                host = part.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
+        finally:
+            part.Free()
+        self.comm: MPI.Intracomm = cast(MPI.Intracomm, host)
+        self.local: int = host.Get_rank()
+        ranks = np.empty(host.Get_size(), dtype=np.int64)
+        _Collective(host.Iallgather(np.array([comm.Get_rank()], dtype=np.int64), ranks), what, timeout, size=host.Get_size()).wait()
+        self.members: tuple[int, ...] = tuple(int(r) for r in ranks)
+        self.windows: list[MPI.Win] = []
+
+    def _collective(self, request: MPI.Request, what: str) -> _Collective:
+        return _Collective(request, what, self.timeout, size=len(self.members))
+
+    def agree(self, value: Any, what: str) -> list[Any]:
+        return _allgather_object(self.comm, value, lambda req: self._collective(req, what))
+
+    def allocate(self, nbytes: int, what: str) -> list[np.ndarray]:
+        self._collective(self.comm.Ibarrier(), what).wait()
+        with self.watchdog.guard(f"{what}: MPI_Win_allocate_shared", self.timeout):
+            win = MPI.Win.Allocate_shared(nbytes, disp_unit=1, comm=self.comm)
+        self.windows.append(win)
+        regions = []
+        for r in range(len(self.members)):
+            mem, _ = win.Shared_query(r)
+            regions.append(np.frombuffer(cast(Any, mem), dtype=np.uint8, count=nbytes))
+        regions[self.local][:] = 0
+        self._collective(self.comm.Ibarrier(), what).wait()  # nobody reads a region before it is zeroed
+        return regions
+
+    def close(self) -> None:
+        if self.comm == MPI.COMM_NULL:
+            return
+        with self.watchdog.guard("shutdown: MPI_Win_free (same-host shared memory)", self.timeout):
+            for win in self.windows:
+                win.Free()
+            self.comm.Free()
+        self.windows = []
+        self.comm = cast(MPI.Intracomm, MPI.COMM_NULL)
+        self.watchdog.close()
 
 
 def _poll(timeout: float, deadline: float) -> bool:

@@ -14,6 +14,9 @@ Environment variables:
   ``BLUEFOG_FN_TIMEOUT``.
 * ``BLUEFOG_FN_RANKS_PER_MACHINE`` — pretend every K consecutive ranks share one machine, so
   hierarchical features can be exercised on a single host (``size`` must be a multiple of K).
+* ``BLUEFOG_FN_SHM`` — the same-host shared-memory transport: ``auto`` (default: trees of at
+  least 1 MiB), ``1`` (every size), ``0`` (off); ``BLUEFOG_FN_SHM_MAX_MB`` bounds the shared
+  buffers one rank allocates (default 4096).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from .timeline import Timeline, from_env
 
 if TYPE_CHECKING:
     from .executors.base import Executor
+    from .executors.exchanges import Exchanges
 
 BackendName = Literal["auto", "local", "mpi"]
 
@@ -116,7 +120,7 @@ def _make_local() -> World:
     return World("local", 0, 1, 0, 1, 0, 1, executor, timeline=from_env(0, 1, merge_on_close=True))
 
 
-def _make_mpi() -> World:
+def _make_mpi(shm: bool | None = None) -> World:
     from . import failure
 
     timeout = _timeout()
@@ -139,12 +143,44 @@ def _make_mpi() -> World:
     from .hierarchy import homogeneity_problem
 
     layouts = transport.allgather_object((local_rank, local_size, machine_rank))
+    exchanges = _exchanges(transport, machine_rank, timeout, shm)
     world = World(
-        "mpi", rank, size, local_rank, local_size, machine_rank, machine_size, ProcessExecutor("mpi", transport),
+        "mpi", rank, size, local_rank, local_size, machine_rank, machine_size,
+        ProcessExecutor("mpi", transport, exchanges),
         timeline=from_env(rank, size), homogeneity=homogeneity_problem(layouts),
     )
     _warn_about(world, transport.thread_level, local_size if k is None else None)
     return world
+
+
+def _exchanges(transport: Any, machine: int, timeout: float, shm: bool | None) -> Exchanges:
+    """The process world's exchanges: MPI, plus same-host shared memory unless turned off.
+
+    Every rank must ask for the same policy (``bf.init(shm=...)``, ``BLUEFOG_FN_SHM``,
+    ``BLUEFOG_FN_SHM_MAX_MB``): a writer and its readers must pick the same path.
+    """
+    from .backend.shared_memory import SharedChannel
+    from .executors.exchanges import Exchanges, SharedMemoryPolicy
+
+    policy = SharedMemoryPolicy.from_env(shm)
+    everyone = transport.allgather_object(policy, "init (the same-host shared memory policy)")
+    differ = [r for r, p in enumerate(everyone) if p != everyone[0]]
+    if differ:
+        raise ValueError(
+            f"init: ranks {differ} ask for another same-host shared-memory policy than rank 0 ({everyone[0]}), "
+            f"e.g. {everyone[differ[0]]}; set BLUEFOG_FN_SHM / BLUEFOG_FN_SHM_MAX_MB and bf.init(shm=...) "
+            "alike on every rank"
+        )
+    if not policy.enabled or transport.size == 1:
+        return Exchanges(transport, None, policy)
+    memory = transport.host_memory(machine)
+    if len(memory.members) < 2:
+        return Exchanges(transport, None, policy)
+    channel = SharedChannel(
+        memory, timeout, policy.max_bytes, probe=transport.probe_divergence, notify=transport.notify_mismatch,
+    )
+    transport.on_idle(channel.drain)  # a rank waiting on MPI never holds buffers its peers need
+    return Exchanges(transport, channel, policy)
 
 
 def _cpu_count() -> int:
@@ -177,13 +213,16 @@ def _warn_about(world: World, thread_level: str, ranks_here: int | None) -> None
         )
 
 
-def init(backend: BackendName = "auto") -> None:
+def init(backend: BackendName = "auto", *, shm: bool | None = None) -> None:
     """Start the process world; idempotent.
 
     Args:
         backend: ``"mpi"`` (the MPI world; the process must run under ``mpiexec``/``bfrun`` for
             more than one rank), ``"local"`` (a world of one) or ``"auto"`` (MPI when launched by
             mpiexec, else local).
+        shm: the same-host shared-memory transport for ranks of one machine: ``None`` (the
+            default: ``BLUEFOG_FN_SHM``, else on for trees of at least 1 MiB), ``True`` (every
+            size), ``False`` (off: MPI only).  Every rank must pass the same.
 
     Example:
         >>> import bluefog_fn as bf
@@ -193,6 +232,8 @@ def init(backend: BackendName = "auto") -> None:
     """
     if backend not in ("auto", "local", "mpi"):
         raise ValueError(f"init: backend must be 'auto', 'local' or 'mpi', got {backend!r}")
+    if shm is not None and not isinstance(shm, bool):
+        raise TypeError(f"init: shm must be None, True or False, got {type(shm).__name__} {shm!r}")
     process = _process_world()
     if process is not None:
         if backend != "auto" and process.backend != backend:
@@ -202,7 +243,7 @@ def init(backend: BackendName = "auto") -> None:
             )
         return
     if backend == "mpi" or (backend == "auto" and _under_mpiexec()):
-        world = _make_mpi()
+        world = _make_mpi(shm)
     else:
         world = _make_local()
     _CONTEXT.stack.insert(0, world)

@@ -102,9 +102,12 @@ class Executor(ABC):
     @abstractmethod
     def neighbor_mean(
         self, world: World, flat: Flat, topology: AnyTopology | None, step: int,
-        self_weight: Any, src_weights: Any, dst_weights: Any, *, adjoint: bool = False,
+        self_weight: Any, src_weights: Any, dst_weights: Any, *, adjoint: bool = False, sync: bool = False,
     ) -> Handle[Any]:
-        """``W x`` (``adjoint``: ``Wᵀ x``, the gradient's exchange, not itself recorded by autograd)."""
+        """``W x`` (``adjoint``: ``Wᵀ x``, the gradient's exchange, not itself recorded by autograd).
+
+        ``sync``: the caller waits on the handle at once (an executor may then fuse posting
+        and combining); results are the same either way."""
 
     @abstractmethod
     def neighbor_gather(

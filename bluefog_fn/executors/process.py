@@ -27,6 +27,7 @@ from ..tree import Flat, LeafMeta, flatten
 from ..world import World
 from . import collectives
 from .base import MISS, Executor, WindowEngine
+from .exchanges import Exchanges
 from .prepared import PreparedCache, PreparedMix, lean_key
 from .runs import MixRun, RunFunction, StagedRun, is_transformed
 
@@ -38,9 +39,11 @@ if TYPE_CHECKING:
 class ProcessExecutor(Executor):
     """Runs ops for this process's rank over ``transport`` (MPI, or the world of one's)."""
 
-    def __init__(self, kind: str, transport: Transport) -> None:
+    def __init__(self, kind: str, transport: Transport, exchanges: Exchanges | None = None) -> None:
         self.kind = kind
         self.transport = transport
+        # How a plan's data moves: MPI, and same-host shared memory where it applies.
+        self.exchanges = exchanges or Exchanges(transport)
         self.prepared = PreparedCache()  # the lean path's executors (see prepared.py)
 
     def __repr__(self) -> str:
@@ -86,12 +89,12 @@ class ProcessExecutor(Executor):
         fn = "neighbor_mean"
         plan = trace_mix(world, fn, flat, topology, step, world.rank, self_weight, src_weights, dst_weights)
         call = None if world.size == 1 else world.calls.begin(f"{fn} backward", plan.step)
-        run = MixRun(world, self.transport, plan.reversed(), flat.tensors, defer=False, call=call, step=step)
+        run = MixRun(world, self.exchanges, plan.reversed(), flat.tensors, defer=False, call=call, step=step, sync=True)
         return Handle(lambda: flat.unflatten(run.forward(flat.tensors)), run.done)
 
     def _prepare(self, world: World, flat: Flat, plan: CommPlan, topology: Any, step: int) -> None:
         """Build the lean path's executor for this call's pattern (after its regular run)."""
-        if not PreparedMix.eligible(plan, flat.tensors):
+        if not PreparedMix.eligible(plan, flat.tensors) or self.exchanges.uses_shared_memory(plan):
             return
         quick = quick_flatten(flat.tree)
         if quick is None:
@@ -106,7 +109,7 @@ class ProcessExecutor(Executor):
 
     def neighbor_mean(
         self, world: World, flat: Flat, topology: AnyTopology | None, step: int,
-        self_weight: Any, src_weights: Any, dst_weights: Any, *, adjoint: bool = False,
+        self_weight: Any, src_weights: Any, dst_weights: Any, *, adjoint: bool = False, sync: bool = False,
     ) -> Handle[Any]:
         fn = "neighbor_mean"
         if adjoint:
@@ -122,7 +125,7 @@ class ProcessExecutor(Executor):
         tensors = flat.tensors
         transformed = is_transformed(tensors)
         differentiable = transformed or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-        run = MixRun(world, self.transport, plan, tensors, defer=transformed, call=call, step=step, span=span)
+        run = MixRun(world, self.exchanges, plan, tensors, defer=transformed, call=call, step=step, span=span, sync=sync)
         if self_weight is None and src_weights is None and dst_weights is None and not differentiable:
             self._prepare(world, flat, plan, topology, step)
 
@@ -254,7 +257,7 @@ class ProcessExecutor(Executor):
             weights=weights, per_call_graph=per_call,
         )
         if adjoint:
-            back = StagedRun(world, self.transport, plan.reversed(), flat.tensors, defer=False)
+            back = StagedRun(world, self.exchanges, plan.reversed(), flat.tensors, defer=False)
             return Handle(lambda: flat.unflatten(back.forward(flat.tensors)), back.done)
         return self._run_staged(world, fn, flat, plan, per_call)
 
@@ -264,7 +267,7 @@ class ProcessExecutor(Executor):
         tensors = flat.tensors
         transformed = is_transformed(tensors)
         differentiable = transformed or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-        run = StagedRun(world, self.transport, plan, tensors, defer=transformed)
+        run = StagedRun(world, self.exchanges, plan, tensors, defer=transformed)
 
         def finish() -> Any:
             outs = RunFunction.apply(run, *tensors) if differentiable else run.forward(tensors)  # type: ignore[no-untyped-call]
@@ -280,7 +283,7 @@ class ProcessExecutor(Executor):
         return RmaWindow(window, self.transport, flat)
 
     def close(self) -> None:
-        self.transport.close()
+        self.transport.close()  # frees the shared memory too, once every rank has left
 
 
 def _first_dims(flat: Flat) -> tuple[int, ...]:

@@ -20,8 +20,9 @@ from ..plan import CommPlan
 from ..world import World
 
 if TYPE_CHECKING:
-    from ..backend.transport import Transport
+    from ..shared_exchange import SharedExchange
     from ..timeline import Span
+    from .exchanges import Exchanges
 
 
 def is_transformed(tensors: Sequence[torch.Tensor]) -> bool:
@@ -66,18 +67,20 @@ class MixRun:
     """
 
     def __init__(
-        self, world: World, transport: Transport, plan: CommPlan, tensors: Sequence[torch.Tensor], *, defer: bool,
-        call: int | None, step: int | None = None, span: Span | None = None,
+        self, world: World, exchanges: Exchanges, plan: CommPlan, tensors: Sequence[torch.Tensor], *, defer: bool,
+        call: int | None, step: int | None = None, span: Span | None = None, sync: bool = False,
     ) -> None:
         self.world = world
-        self.transport = transport
+        self.exchanges = exchanges
         self.plan = plan
         self.span = span
         self.call = call
         self.step = step  # the caller's, for error messages (a static graph's plan has none)
-        self.exchange = None
+        self.exchange: Exchange | SharedExchange | None = None
         if not defer:
-            self.exchange = Exchange(transport, world.resources, plan, tensors, call=call, calls=world.calls, what=describe(plan, step), span=span)
+            self.exchange = exchanges.post(
+                world.resources, plan, tensors, call=call, calls=world.calls, what=describe(plan, step), span=span, sync=sync,
+            )
         elif call is not None:
             world.calls.defer(call)  # its messages may arrive before it posts: not stale
 
@@ -90,9 +93,9 @@ class MixRun:
             world = self.world
             if self.call is not None:
                 world.calls.posted(self.call)
-            exchange = Exchange(
-                self.transport, world.resources, self.plan, tensors, call=self.call, calls=world.calls,
-                what=describe(self.plan, self.step), span=self.span,
+            exchange = self.exchanges.post(
+                world.resources, self.plan, tensors, call=self.call, calls=world.calls,
+                what=describe(self.plan, self.step), span=self.span, sync=True,
             )
         self.exchange = None
         return exchange.mix()
@@ -108,7 +111,7 @@ class MixRun:
         call = None if self.world.size == 1 else self.world.calls.begin(f"{self.plan.op} backward", self.plan.step)
         timeline = self.world.timeline
         span = None if timeline is None else timeline.begin(f"{self.plan.op}.backward")
-        back = MixRun(self.world, self.transport, self.plan.reversed(), full, defer=True, call=call, step=self.step, span=span)
+        back = MixRun(self.world, self.exchanges, self.plan.reversed(), full, defer=True, call=call, step=self.step, span=span)
         if torch.is_grad_enabled() or is_transformed(full):
             out = tuple(RunFunction.apply(back, *full))  # type: ignore[no-untyped-call]
         else:
@@ -128,24 +131,25 @@ class StagedRun:
     ``forward`` (``wait()``) finishes the exchange and broadcasts.
     """
 
-    def __init__(self, world: World, transport: Transport, plan: StagedPlan, tensors: Sequence[torch.Tensor], *, defer: bool) -> None:
+    def __init__(self, world: World, exchanges: Exchanges, plan: StagedPlan, tensors: Sequence[torch.Tensor], *, defer: bool) -> None:
         self.world = world
-        self.transport = transport
+        self.exchanges = exchanges
         self.plan = plan
         self.stage = 0  # the next stage to complete
         self.current: list[torch.Tensor] = []  # the leader's value after the completed stages
-        self.exchange: Exchange | None = None  # the stage in flight
+        self.exchange: Exchange | SharedExchange | None = None  # the stage in flight
         self.started = False
         if not defer:
             self._start(tensors)
 
-    def _post(self, plan: CommPlan, tensors: Sequence[torch.Tensor]) -> Exchange:
-        return Exchange(self.transport, self.world.resources, plan, tensors)
+    def _post(self, plan: CommPlan, tensors: Sequence[torch.Tensor], *, first: bool = False) -> Exchange | SharedExchange:
+        # Only the first stage is run by every rank: the others may not allocate shared memory.
+        return self.exchanges.post(self.world.resources, plan, tensors, first=first)
 
     def _start(self, tensors: Sequence[torch.Tensor]) -> None:
         self.started = True
         self.inputs = list(tensors)
-        self.exchange = self._post(self.plan.stages[0], tensors)
+        self.exchange = self._post(self.plan.stages[0], tensors, first=True)
         if self.plan.is_leader and len(self.plan.stages) == 3:
             self._complete()
             self.exchange = self._post(self.plan.stages[1], self.current)
@@ -201,7 +205,7 @@ class StagedRun:
             torch.zeros(shape, dtype=dtype) if g is None else g
             for g, (shape, dtype) in zip(grads, _slots(self.plan.stages[0]), strict=True)
         ]
-        back = StagedRun(self.world, self.transport, self.plan.reversed(), full, defer=True)
+        back = StagedRun(self.world, self.exchanges, self.plan.reversed(), full, defer=True)
         if torch.is_grad_enabled() or is_transformed(full):
             return tuple(RunFunction.apply(back, *full))  # type: ignore[no-untyped-call]
         return tuple(back.forward(full))

@@ -97,7 +97,7 @@ def _run(spec: CallSpec, xs: Sequence[torch.Tensor], step: int, adjoint: bool) -
     if op == "neighbor_mean":
         handle = ex.neighbor_mean(
             world, flat, spec.topology, step, spec.arg("self_weight"), spec.arg("src_weights"),
-            spec.arg("dst_weights"), adjoint=adjoint,
+            spec.arg("dst_weights"), adjoint=adjoint, sync=True,
         )
     elif op == "local_mean":
         handle = ex.staged(world, op, flat, adjoint=adjoint)

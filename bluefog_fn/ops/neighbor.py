@@ -54,11 +54,19 @@ def neighbor_mean_async(
         return ready(call_mix(
             fn, tree, step, topology, self_weight=self_weight, src_weights=src_weights, dst_weights=dst_weights
         ))
+    return _start_mix(tree, topology, step, self_weight, src_weights, dst_weights, sync=False)
+
+
+def _start_mix(
+    tree: Any, topology: AnyTopology | None, step: int, self_weight: float | None, src_weights: SrcWeights | None,
+    dst_weights: DstWeights | None, *, sync: bool,
+) -> Handle[Any]:
+    fn = "neighbor_mean"
     world = current()
     flat = flatten(tree, fn)
     _check_floating(fn, flat)
     step = check_step(fn, step)
-    return world.executor.neighbor_mean(world, flat, topology, step, self_weight, src_weights, dst_weights)
+    return world.executor.neighbor_mean(world, flat, topology, step, self_weight, src_weights, dst_weights, sync=sync)
 
 
 def neighbor_mean(
@@ -105,9 +113,7 @@ def neighbor_mean(
         result = world.executor.neighbor_mean_lean(world, tree, topology, step)
         if result is not MISS:
             return result
-    return neighbor_mean_async(
-        tree, topology, step, self_weight=self_weight, src_weights=src_weights, dst_weights=dst_weights
-    ).wait()
+    return _start_mix(tree, topology, step, self_weight, src_weights, dst_weights, sync=True).wait()
 
 
 def neighbor_gather_async(

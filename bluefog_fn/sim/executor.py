@@ -41,7 +41,7 @@ class SimExecutor(Executor):
 
     def neighbor_mean(
         self, world: World, flat: Flat, topology: AnyTopology | None, step: int,
-        self_weight: Any, src_weights: Any, dst_weights: Any, *, adjoint: bool = False,
+        self_weight: Any, src_weights: Any, dst_weights: Any, *, adjoint: bool = False, sync: bool = False,
     ) -> Handle[Any]:
         return ops.neighbor_mean_sim(world, flat, topology, step, self_weight, src_weights, dst_weights, adjoint=adjoint)
 

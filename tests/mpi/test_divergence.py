@@ -48,6 +48,9 @@ def resync() -> None:
             buf = np.empty(status.Get_count(MPI.BYTE), np.uint8)
             comm.Recv([buf, MPI.BYTE], source=status.Get_source(), tag=status.Get_tag())
     world.calls.count = max(comm.allgather(world.calls.count))
+    channel = world.executor.exchanges.channel  # type: ignore[attr-defined]
+    if channel is not None:  # same-host transfers of the failed calls are forgotten too
+        channel.reset()
 
 
 def outcome(fn: object) -> tuple[str | None, object]:
