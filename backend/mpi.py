@@ -583,6 +583,13 @@ class MpiTransport:
         """Raise ``CallMismatchError`` if a mismatch notice or a stale message waits (one Iprobe)."""
         self.wire.probe(self.wire.call)
 
+    def departed(self) -> set[int]:
+        """Ranks known to have left the job at least the grace period ago (waits on them fail)."""
+        gone = self._departures.poll()
+        if not gone or time.perf_counter() - self._departures.seen < _DEPARTED_GRACE_SECONDS:
+            return set()
+        return set(gone)
+
     def on_idle(self, hook: Callable[[], None]) -> None:
         """Run ``hook`` now and then while this rank waits for MPI (e.g. to give back shared
         buffers peers need: a rank blocked here must not hold up a peer that waits for it)."""

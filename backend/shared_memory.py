@@ -52,7 +52,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from . import atomics
-from .errors import CallMismatchError, CommTimeoutError, MismatchError
+from .errors import CallMismatchError, CommError, CommTimeoutError, MismatchError
 
 # Mail entry words (an entry is two cache lines: metadata, then the progress word).
 _SEQ, _EPOCH, _SEG, _PARITY, _CALL, _TAG, _NBYTES, _SCALE = range(8)
@@ -117,8 +117,10 @@ class SharedChannel:
         *,
         probe: Callable[[], None] | None = None,
         notify: Callable[[int, int | None], None] | None = None,
+        departed: Callable[[], set[int]] | None = None,
     ) -> None:
         self.memory = memory
+        self.departed = departed
         self.members = memory.members
         self.me = memory.local
         self.timeout = timeout
@@ -349,6 +351,13 @@ class Waiter:
                     )
             if channel.probe is not None:
                 channel.probe()
+        if waited > _YIELD_SECONDS and channel.departed is not None:
+            gone = channel.departed().intersection(self.missing())
+            if gone:
+                raise CommError(
+                    f"{self.what}: rank(s) {sorted(gone)} left the job (reached the end of the program, "
+                    "sys.exit or bf.shutdown()) while this rank still waits for them"
+                )
         if waited > self.next_drain:
             self.next_drain = waited + 10 * _DRAIN_AFTER_SECONDS
             channel.drain()

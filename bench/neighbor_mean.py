@@ -6,13 +6,20 @@
 Rows, per payload (a ResNet-50-shaped tree of 161 float32 leaves, 25.6 M values; one 1 M-float
 tensor):
 
-* ``bf one-peer``  — ``bf.neighbor_mean(tree, one_peer_exponential_two(n), step)``;
+* ``bf one-peer``  — ``bf.neighbor_mean(tree, one_peer_exponential_two(n), step)`` as configured
+  (ranks of one machine read each other's buffers in shared memory: the default for trees of
+  at least 1 MiB);
+* ``bf one-peer, MPI only`` — the same call with the same-host transport switched off (on every
+  rank together, for this row only): what two-sided MPI gives;
 * ``floor``        — raw mpi4py ``Sendrecv`` of one pre-fused buffer with the same peer, then
   ``(x + recv) / 2`` into a preallocated buffer: what a hand-written exchange costs at best;
 * ``mpi Allreduce``— mpi4py ``Allreduce`` of the pre-fused buffer, then ``/ n`` (global mean);
 * ``gloo allreduce`` — ``torch.distributed.all_reduce`` (gloo) of the fused tensor, then ``/ n``:
   what DDP does per bucket;
-* ``naive per-leaf`` — a Python loop of ``Sendrecv`` + average per leaf.
+* ``naive per-leaf`` — a Python loop of ``Sendrecv`` + average per leaf;
+* ``local 3-stream pass`` — no communication: one compiled pass reading this rank's fused buffer
+  and another buffer of the same size and writing the average (what the shared-memory path
+  cannot go below: it reads x and the peer's x and writes the output).
 
 Times are medians over ``--reps`` timed calls after warm-up; every rank times the same calls and
 rank 0 prints.  Ratios are "row / floor" (lower is better).
@@ -31,6 +38,7 @@ from the traced plans, averaged over the schedule's period):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import subprocess
@@ -51,6 +59,8 @@ from tiny_call import tiny_costs  # bench/ is the script's directory, first on s
 from tqdm import tqdm
 
 import bluefog_fn as bf
+from bluefog_fn.backend.kernels import combine_rows
+from bluefog_fn.world import current
 
 
 def resnet50_shapes() -> list[tuple[int, ...]]:
@@ -104,6 +114,22 @@ def measure(
         bf.neighbor_mean(leaves, topo, state["step"])
         state["step"] += 1
 
+    exchanges = getattr(current().executor, "exchanges", None)
+
+    def bf_mpi_only() -> None:
+        if exchanges is None:
+            return bf_one_peer()
+        saved = exchanges.policy
+        exchanges.policy = dataclasses.replace(saved, enabled=False)  # every rank, same call
+        try:
+            bf_one_peer()
+        finally:
+            exchanges.policy = saved
+        return None
+
+    def three_stream() -> None:
+        combine_rows(x_np, [r_np], [0.5], 0.5, o_np)
+
     def floor() -> None:
         dst, src = next_peer()
         if n > 1:
@@ -137,10 +163,12 @@ def measure(
     rows = []
     for label, fn in [
         ("bf one-peer neighbor_mean", bf_one_peer),
+        ("bf one-peer, MPI only", bf_mpi_only),
         ("floor: Sendrecv fused + average", floor),
         ("mpi4py Allreduce mean", mpi_allreduce),
         ("gloo all_reduce mean (DDP)", gloo_allreduce),
         ("naive per-leaf Sendrecv loop", naive),
+        ("local 3-stream pass (no comm)", three_stream),
     ]:
         t = base if fn is floor else timed(fn, reps, comm)
         rows.append((name, label, t, t / base))
@@ -296,6 +324,15 @@ def main() -> None:
         print(f"{'payload':34} {'method':34} {'ms':>9} {'x floor':>8}")
         for name, label, t, ratio in rows:
             print(f"{name:34} {label:34} {t * 1e3:9.2f} {ratio:8.2f}")
+        channel = getattr(getattr(current().executor, "exchanges", None), "channel", None)
+        if channel is not None:
+            print("\nsame-host transport (bf one-peer, shared memory):")
+            for name in payloads:
+                t = {label: s for p, label, s, _ in rows if p == name}
+                print(f"  {name}: {t['floor: Sendrecv fused + average'] / t['bf one-peer neighbor_mean']:.2f}x faster "
+                      f"than the floor, {t['bf one-peer neighbor_mean'] / t['local 3-stream pass (no comm)']:.2f}x the "
+                      f"local 3-stream pass, {t['bf one-peer, MPI only'] / t['bf one-peer neighbor_mean']:.2f}x faster "
+                      "than bf over MPI")
         alone = world_of_one_cost()
         print(f"\none-element tree, cached plan: bf {t_bf * 1e6:.1f} us per call, floor (Sendrecv + average) "
               f"{t_floor * 1e6:.1f} us: {t_bf / t_floor:.1f}x floor; world of one: {alone * 1e6:.1f} us per call")

@@ -178,6 +178,7 @@ def _exchanges(transport: Any, machine: int, timeout: float, shm: bool | None) -
         return Exchanges(transport, None, policy)
     channel = SharedChannel(
         memory, timeout, policy.max_bytes, probe=transport.probe_divergence, notify=transport.notify_mismatch,
+        departed=transport.departed,
     )
     transport.on_idle(channel.drain)  # a rank waiting on MPI never holds buffers its peers need
     return Exchanges(transport, channel, policy)

@@ -89,7 +89,7 @@ class Exchanges:
         an op; not a stage only some ranks run), so a segment may be allocated collectively.
         """
         channel = self.channel
-        if channel is None or plan.op not in _MIXING_OPS:
+        if channel is None or not self.policy.enabled or plan.op not in _MIXING_OPS:
             return None
         nbytes = buffer_bytes(plan.layout)
         if nbytes < self.policy.min_bytes or nbytes == 0:
@@ -125,7 +125,7 @@ class Exchanges:
     def uses_shared_memory(self, plan: CommPlan) -> bool:
         """Whether a call of ``plan`` (whose buffer size was seen before) reads peers in place."""
         channel = self.channel
-        if channel is None or plan.op not in _MIXING_OPS:
+        if channel is None or not self.policy.enabled or plan.op not in _MIXING_OPS:
             return False
         nbytes = buffer_bytes(plan.layout)
         return nbytes >= self.policy.min_bytes and nbytes > 0 and channel.lookup(nbytes) is not None and local_edges(plan, channel)

@@ -1,0 +1,128 @@
+"""The same-host transport under ``bfrun -np 2`` / ``-np 4``: exact against the dense reference.
+
+Every rank can compute every rank's input (a pure function of rank and step), so the dense
+reference ``W @ X`` of each step is computed locally, in float64, with no communication: a
+stale read (last step's buffer), a torn read (half old, half new) or a read of the wrong peer
+shows up as a mismatch at that very step.  Values are small integers and the one-peer weights
+are 1/2, so every expected value is exact in float32.
+
+The whole exchange suite also runs with the transport forced on (``BLUEFOG_FN_SHM=1``) and
+off (``BLUEFOG_FN_SHM=0``): see ``tests/run_all.sh``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bluefog_fn as bf
+from bluefog_fn import topology as T
+from bluefog_fn.world import current
+
+from .conftest import all_ranks_agree
+
+N, ME = bf.size(), bf.rank()
+EXCHANGES = getattr(current().executor, "exchanges", None)
+CHANNEL = None if EXCHANGES is None else EXCHANGES.channel
+pytestmark = pytest.mark.skipif(N < 2, reason="needs at least 2 ranks")
+
+# Two leaves of float32 (one spanning several 1 MiB chunks) and a float64 leaf: 1.3 MiB, above
+# the default threshold, so the transport is on here unless BLUEFOG_FN_SHM=0.
+SHAPES = {"big": (300_001,), "small": (7, 3), "f64": (1000,)}
+
+
+_BASE: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _base(rank: int, name: str) -> torch.Tensor:
+    """The step-independent part of rank ``rank``'s leaf ``name`` (float64, cached)."""
+    key = (rank, name)
+    if key not in _BASE:
+        k = list(SHAPES).index(name)
+        n = 1
+        for d in SHAPES[name]:
+            n *= d
+        _BASE[key] = (torch.arange(n, dtype=torch.float64) % 1024 + 4096 * rank + k).reshape(SHAPES[name])
+    return _BASE[key]
+
+
+def inputs(rank: int, step: int) -> dict[str, torch.Tensor]:
+    """Rank ``rank``'s tree at ``step``: different on every rank and at every step."""
+    return {
+        name: (_base(rank, name) + 16 * (step % 64)).to(torch.float64 if name == "f64" else torch.float32)
+        for name in SHAPES
+    }
+
+
+def expected(topo: T.DynamicTopology, step: int) -> dict[str, torch.Tensor]:
+    """Row ``ME`` of ``W @ X`` at ``step``, in float64."""
+    row = topo.at(step).mixing_matrix()[ME]
+    out = {}
+    for name in SHAPES:
+        acc = torch.zeros(SHAPES[name], dtype=torch.float64)
+        for j in range(N):
+            if row[j] != 0:
+                acc += float(row[j]) * (_base(j, name) + 16 * (step % 64))
+        out[name] = acc
+    return out
+
+
+def used_shared_memory() -> int:
+    return 0 if CHANNEL is None else CHANNEL.epoch
+
+
+def check(out: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> bool:
+    return all(torch.equal(out[k].to(torch.float64), want[k]) for k in SHAPES)
+
+
+def test_two_thousand_one_peer_steps_equal_the_dense_reference_at_every_step() -> None:
+    topo = T.one_peer_exponential_two(N)
+    before = used_shared_memory()
+    bad: list[int] = []
+    steps = 2000
+    for step in range(steps):
+        x = inputs(ME, step)
+        if step % 3 == 2:  # async forms interleaved with synchronous ones
+            out = bf.neighbor_mean_async(x, topo, step).wait()
+        else:
+            out = bf.neighbor_mean(x, topo, step)
+        if not check(out, expected(topo, step)):
+            bad.append(step)
+    if bad:
+        print(f"rank {ME}: wrong values at steps {bad[:10]} ({len(bad)} in all)")
+    all_ranks_agree(not bad, "same-host exchange vs dense reference")
+    if CHANNEL is not None and EXCHANGES is not None and EXCHANGES.policy.enabled:
+        assert used_shared_memory() - before >= steps  # every step went through shared memory
+
+
+def test_async_calls_waited_in_reverse_order_do_not_deadlock_and_stay_exact() -> None:
+    # Four calls in flight at once, waited for newest first: buffers of earlier calls are still
+    # being read when later ones are published (the writer copies and moves on, never waits).
+    topo = T.one_peer_exponential_two(N)
+    for rnd in range(5):
+        steps = [4 * rnd + k for k in range(4)]
+        handles = [bf.neighbor_mean_async(inputs(ME, s), topo, s) for s in steps]
+        results = [h.wait() for h in reversed(handles)][::-1]
+        ok = all(check(r, expected(topo, s)) for r, s in zip(results, steps, strict=True))
+        all_ranks_agree(ok, f"async calls in reverse order, round {rnd}")
+
+
+def test_weight_overrides_and_gradients_match_the_dense_reference() -> None:
+    # dst_weights scales on the sender side; the reader applies the same scale in place.
+    ring = T.ring(N)
+    step = 5
+    x = inputs(ME, step)
+    left, right = (ME - 1) % N, (ME + 1) % N
+    out = bf.neighbor_mean(
+        x, None, self_weight=0.25, src_weights={left: 1.0},
+        dst_weights={right: 0.75},
+    )
+    want = {k: 0.25 * x[k].to(torch.float64) + 0.75 * inputs(left, step)[k].to(torch.float64) for k in SHAPES}
+    ok = check(out, want)
+    # Gradient of sum(W x · c) is Wᵀ c: with c = 1 every rank gets its column sum.
+    xs = {k: v.clone().requires_grad_(True) for k, v in x.items()}
+    mixed = bf.neighbor_mean(xs, ring, 0)
+    sum(v.sum() for v in mixed.values()).backward()  # type: ignore[union-attr]
+    col = float(ring.mixing_matrix()[:, ME].sum())
+    ok = ok and all(torch.equal(xs[k].grad, torch.full(SHAPES[k], col, dtype=xs[k].dtype)) for k in SHAPES)
+    all_ranks_agree(ok, "overrides and Wᵀ through shared memory")
