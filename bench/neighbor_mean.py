@@ -119,12 +119,8 @@ def measure(
     def bf_mpi_only() -> None:
         if exchanges is None:
             return bf_one_peer()
-        saved = exchanges.policy
-        exchanges.policy = dataclasses.replace(saved, enabled=False)  # every rank, same call
-        try:
+        with exchanges.policy_as(dataclasses.replace(exchanges.policy, enabled=False)):  # every rank, same call
             bf_one_peer()
-        finally:
-            exchanges.policy = saved
         return None
 
     def three_stream() -> None:

@@ -11,8 +11,9 @@ far) is the same on the writer's and the reader's side, so both pick the same pa
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -81,6 +82,17 @@ class Exchanges:
 
     def __repr__(self) -> str:
         return f"Exchanges({self.channel!r}, {self.policy})"
+
+    @contextlib.contextmanager
+    def policy_as(self, policy: SharedMemoryPolicy) -> Iterator[None]:
+        """Use ``policy`` inside the block (every rank must enter it at the same call: the
+        choice of path must stay the same on writers and readers).  For benchmarks and tests
+        that compare the paths side by side."""
+        saved, self.policy = self.policy, policy
+        try:
+            yield
+        finally:
+            self.policy = saved
 
     def shared_segment(self, plan: CommPlan, *, first: bool, what: str) -> int | None:
         """The shared segment this plan's call uses, or None for MPI only.

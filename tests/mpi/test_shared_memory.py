@@ -12,8 +12,12 @@ off (``BLUEFOG_FN_SHM=0``): see ``tests/run_all.sh``.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import bluefog_fn as bf
 from bluefog_fn import topology as T
@@ -126,3 +130,56 @@ def test_weight_overrides_and_gradients_match_the_dense_reference() -> None:
     col = float(ring.mixing_matrix()[:, ME].sum())
     ok = ok and all(torch.equal(xs[k].grad, torch.full(SHAPES[k], col, dtype=xs[k].dtype)) for k in SHAPES)
     all_ranks_agree(ok, "overrides and Wᵀ through shared memory")
+
+
+# ---------------------------------------------------------------------------------------------
+# Bit for bit the MPI transport's results: the same calls with the transport on and off.
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def _graphs() -> list[tuple[str, T.Topology | T.DynamicTopology]]:
+    out: list[tuple[str, T.Topology | T.DynamicTopology]] = [
+        ("exponential_two", T.exponential_two(N)), ("ring", T.ring(N)), ("one_peer", T.one_peer_exponential_two(N)),
+    ]
+    if N > 2:
+        out.append(("full", T.fully_connected(N)))
+    return out
+
+
+@pytest.mark.skipif(CHANNEL is None, reason="no peer on this machine: the transport never applies")
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_same_bits_as_the_mpi_transport(data: st.DataObject) -> None:
+    # derandomize: every rank draws the same examples, so the ranks' calls match.
+    name, topo = data.draw(st.sampled_from(_graphs()), label="topology")
+    n_leaves = data.draw(st.integers(1, 4), label="leaves")
+    shapes = [tuple(data.draw(st.lists(st.integers(0, 40), min_size=0, max_size=3), label="shape")) for _ in range(n_leaves)]
+    dtypes = [data.draw(st.sampled_from(DTYPES), label="dtype") for _ in range(n_leaves)]
+    step = data.draw(st.integers(0, 7), label="step")
+    override = data.draw(st.sampled_from(["none", "self", "dst"]), label="override")
+    seed = data.draw(st.integers(0, 2**31 - 1), label="seed")
+    gen = torch.Generator().manual_seed(seed + 7919 * ME)
+    tree = [torch.randn(s, generator=gen, dtype=torch.float64).to(d) for s, d in zip(shapes, dtypes, strict=True)]
+    kwargs: dict[str, object] = {}
+    graph: T.Topology | T.DynamicTopology | None = topo
+    if override == "self":
+        at = topo.at(step)
+        kwargs = {"self_weight": 0.375, "src_weights": {j: 0.625 / len(at.in_neighbors(ME)) for j in at.in_neighbors(ME)}}
+    elif override == "dst":
+        right, left = (ME + 1) % N, (ME - 1) % N
+        graph = None
+        kwargs = {"self_weight": 0.3, "src_weights": {left: 0.7}, "dst_weights": {right: 0.9}}
+    assert EXCHANGES is not None
+    forced = dataclasses.replace(EXCHANGES.policy, enabled=True, min_bytes=0)
+    off = dataclasses.replace(EXCHANGES.policy, enabled=False)
+    assert CHANNEL is not None
+    before = CHANNEL.epoch
+    with EXCHANGES.policy_as(forced):
+        shared = bf.neighbor_mean(tree, graph, step, **kwargs)  # type: ignore[arg-type]
+    if len(CHANNEL.members) == N and any(t.numel() for t in tree):  # every peer is on this machine
+        assert CHANNEL.epoch == before + 1, "the call did not go through shared memory"
+    with EXCHANGES.policy_as(off):
+        mpi = bf.neighbor_mean(tree, graph, step, **kwargs)  # type: ignore[arg-type]
+    ok = all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(shared, mpi, strict=True))
+    all_ranks_agree(ok, f"shared memory vs MPI bits ({name}, {override}, {dtypes}, {shapes})")
