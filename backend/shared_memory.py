@@ -20,8 +20,8 @@ the same calls.  To publish epoch ``e`` the writer
 
 1. waits until every reader of epoch ``e - 2`` acked it (``ack ≥ n``): the buffer of parity
    ``e % 2`` is then no longer read by anyone — epoch ``e - 1`` used the other buffer;
-2. for each reader, fills mail entry ``n % 2`` (epoch, segment, parity, call number, plan
-   tag, byte count, scale, progress 0) and then stores ``SEQ = n`` with release ordering;
+2. for each reader, fills mail entry ``n % 2`` (epoch, segment, byte offset, call number,
+   plan tag, byte count, scale, progress 0) and then stores ``SEQ = n`` with release ordering;
 3. writes its data, storing ``PROGRESS`` (bytes ready) with release ordering after each chunk.
 
 A reader waits for ``SEQ == n`` (acquire), checks call number, tag and size against its own
@@ -33,6 +33,12 @@ epoch it waited for (acquire/release make the data visible before the flag).  By
 epochs up to ``e - 2`` are acked when the writer publishes ``e``, so transfer ``n - 2`` to any
 reader is acked when entry ``n % 2`` is refilled: the ring of two never overwrites an entry a
 reader still needs.
+
+A tree kept in shared memory (``bf.shared_tree``, :meth:`SharedChannel.allocate_tree`) is
+announced in place (:meth:`SharedChannel.publish_in_place`): no epoch, no write, progress
+complete at once; the writer's call then completes only once every reader acked, because the
+tree is the caller's to modify afterwards.  Before refilling ring entry ``n % 2`` the writer
+checks that transfer ``n - 2`` was acked (implied for epochs, explicit for in-place transfers).
 
 Every wait is bounded by ``timeout`` (``CommTimeoutError`` naming the peers), looks at the
 peers' poison words, and now and then calls ``probe`` (the transport's check for messages that
@@ -55,7 +61,7 @@ from . import atomics
 from .errors import CallMismatchError, CommError, CommTimeoutError, MismatchError
 
 # Mail entry words (an entry is two cache lines: metadata, then the progress word).
-_SEQ, _EPOCH, _SEG, _PARITY, _CALL, _TAG, _NBYTES, _SCALE = range(8)
+_SEQ, _EPOCH, _SEG, _OFFSET, _CALL, _TAG, _NBYTES, _SCALE = range(8)
 _PROGRESS = 8
 _ENTRY = 16
 _LINE = 8  # int64 words per cache line
@@ -95,11 +101,12 @@ def aligned(nbytes: int) -> int:
 
 
 class _Segment:
-    __slots__ = ("capacity", "regions")
+    __slots__ = ("capacity", "pooled", "regions")
 
-    def __init__(self, capacity: int, regions: list[np.ndarray]) -> None:
+    def __init__(self, capacity: int, regions: list[np.ndarray], pooled: bool = True) -> None:
         self.capacity = capacity
         self.regions = regions
+        self.pooled = pooled  # False: a tree kept in shared memory (see :meth:`SharedChannel.allocate_tree`)
 
 
 class SharedChannel:
@@ -139,6 +146,7 @@ class SharedChannel:
         self.sent = [0] * n
         self.received = [0] * n
         self.epoch = 0
+        self.in_place = 0  # publications of bf.shared_tree regions (no epoch, nothing written)
         # Per buffer parity: the readers (local index, transfer) of the last epoch that used it,
         # and that epoch's publication (this rank's own combine may still read its buffer).
         self.outstanding: list[list[tuple[int, int]]] = [[], []]
@@ -165,6 +173,8 @@ class SharedChannel:
         """The segment a buffer of ``nbytes`` uses (the smallest that fits), or None."""
         best = None
         for k, seg in enumerate(self.segments):
+            if not seg.pooled:
+                continue
             if seg.capacity >= nbytes and (best is None or seg.capacity < self.segments[best].capacity):
                 best = k
         return best
@@ -196,6 +206,35 @@ class SharedChannel:
         self.segments.append(_Segment(capacity, regions))
         return len(self.segments) - 1
 
+    def allocate_tree(self, nbytes: int, what: str) -> tuple[int, np.ndarray]:
+        """Collective: a region of ``nbytes`` on every member for a tree kept in shared memory
+        (published in place, never copied); returns the segment and this member's region."""
+        fits = self.allocated_bytes + nbytes <= self.max_bytes and _shm_free() >= nbytes * len(self.members)
+        answers = self.memory.agree((nbytes, fits), f"{what}: same-host shared memory for {nbytes} bytes")
+        if len({a[0] for a in answers}) > 1:
+            raise MismatchError(
+                f"{what}: the ranks of this machine ({list(self.members)}) asked for shared trees of different "
+                f"sizes {sorted({a[0] for a in answers})} at the same call; their calls diverged"
+            )
+        if not all(a[1] for a in answers):
+            raise MemoryError(
+                f"{what}: {nbytes} bytes of shared memory per rank would exceed BLUEFOG_FN_SHM_MAX_MB "
+                f"({self.max_bytes >> 20} MiB) or what /dev/shm has free on some rank of this machine"
+            )
+        regions = self.memory.allocate(max(nbytes, 1), what)
+        self.segments.append(_Segment(nbytes, regions, pooled=False))
+        return len(self.segments) - 1, regions[self.me]
+
+    def owner_of(self, address: int, nbytes: int) -> tuple[int, int] | None:
+        """``(segment, offset)`` of this rank's tree region holding ``[address, address + nbytes)``."""
+        for k, seg in enumerate(self.segments):
+            if seg.pooled:
+                continue
+            base = seg.regions[self.me].ctypes.data
+            if base <= address and address + nbytes <= base + seg.capacity:
+                return k, address - base
+        return None
+
     # ------------------------------------------------------------------ control words
 
     def _mail(self, reader: int, n: int) -> int:
@@ -223,10 +262,43 @@ class SharedChannel:
         pending = self.outstanding[parity]
         if pending:
             self._wait_acks(pending, what)
+        capacity = self.segments[seg].capacity
+        ours, entries = self._announce(readers, seg, parity * capacity, nbytes, call, tag, what, 0)
+        self.outstanding[parity] = ours
+        buf = self.segments[seg].regions[self.me][parity * capacity : parity * capacity + nbytes]
+        pub = Publication(self.ctrl[self.me], entries, buf)
+        self.owners[parity] = pub
+        return pub
+
+    def publish_in_place(
+        self, seg: int, offset: int, nbytes: int, readers: Sequence[tuple[int, float]], call: int | None, tag: int,
+        what: str,
+    ) -> Publication:
+        """Announce ``nbytes`` of this rank's tree region (:meth:`allocate_tree`) at ``offset``,
+        already written, to ``readers``.  The caller's call must not complete before
+        :meth:`Publication.acked` (the tree is the caller's to modify afterwards)."""
+        ours, entries = self._announce(readers, seg, offset, nbytes, call, tag, what, nbytes)
+        self.in_place += 1
+        buf = self.segments[seg].regions[self.me][offset : offset + nbytes]
+        pub = Publication(self.ctrl[self.me], entries, buf, channel=self, readers=ours)
+        pub.ready = nbytes
+        return pub
+
+    def _announce(
+        self, readers: Sequence[tuple[int, float]], seg: int, offset: int, nbytes: int, call: int | None, tag: int,
+        what: str, progress: int,
+    ) -> tuple[list[tuple[int, int]], list[int]]:
+        """Fill each reader's next mail entry, then publish it (``SEQ``, release)."""
         ours: list[tuple[int, int]] = []
         ctl = self.ctrl[self.me]
         entries = []
         scale_bits = np.array([0.0])
+        for q, _ in readers:
+            # The ring's entry n % 2 last carried transfer n - 2: it must have been read (implied
+            # for buffer epochs, explicit for trees published in place).
+            n = self.sent[q] + 1
+            if n > 2 and atomics.load(self.ctrl[q], self._ack(self.me, n)) < n - 2:
+                self._wait_acks([(q, n - 2)], what)
         for q, scale in readers:
             n = self.sent[q] + 1
             self.sent[q] = n
@@ -234,21 +306,20 @@ class SharedChannel:
             scale_bits[0] = scale
             ctl[base + _EPOCH] = self.epoch
             ctl[base + _SEG] = seg
-            ctl[base + _PARITY] = parity
+            ctl[base + _OFFSET] = offset
             ctl[base + _CALL] = -1 if call is None else call
             ctl[base + _TAG] = tag
             ctl[base + _NBYTES] = nbytes
             ctl[base + _SCALE] = int(scale_bits.view(np.int64)[0])
-            ctl[base + _PROGRESS] = 0
+            ctl[base + _PROGRESS] = progress
             atomics.store(ctl, base + _SEQ, n)
             entries.append(base + _PROGRESS)
             ours.append((q, n))
-        self.outstanding[parity] = ours
-        capacity = self.segments[seg].capacity
-        buf = self.segments[seg].regions[self.me][parity * capacity : parity * capacity + nbytes]
-        pub = Publication(ctl, entries, buf)
-        self.owners[parity] = pub
-        return pub
+        return ours, entries
+
+    def acked(self, pending: Sequence[tuple[int, int]]) -> bool:
+        """Whether every ``(reader, transfer)`` in ``pending`` was acked."""
+        return all(atomics.load(self.ctrl[q], self._ack(self.me, n)) >= n for q, n in pending)
 
     def _wait_acks(self, pending: list[tuple[int, int]], what: str) -> None:
         def acked() -> bool:
@@ -379,14 +450,27 @@ class Publication:
     The writer's own combine reads it too (its ``x``); :meth:`release` says it is done.
     """
 
-    __slots__ = ("buffer", "ctl", "entries", "ready", "released")
+    __slots__ = ("buffer", "channel", "ctl", "entries", "readers", "ready", "released")
 
-    def __init__(self, ctl: np.ndarray, entries: list[int], buffer: np.ndarray) -> None:
+    def __init__(
+        self, ctl: np.ndarray, entries: list[int], buffer: np.ndarray, *, channel: SharedChannel | None = None,
+        readers: list[tuple[int, int]] | None = None,
+    ) -> None:
         self.ctl = ctl
         self.entries = entries
         self.buffer = buffer  # uint8, the epoch's bytes (a private copy once detached)
         self.ready = 0
         self.released = False
+        self.channel = channel  # set for a tree published in place: its readers must ack
+        self.readers = readers or []
+
+    @property
+    def in_place(self) -> bool:
+        return self.channel is not None
+
+    def acked(self) -> bool:
+        """Whether every reader is done (always true for a buffer epoch: the channel tracks those)."""
+        return self.channel is None or self.channel.acked(self.readers)
 
     def advance(self, nbytes: int) -> None:
         """The first ``nbytes`` bytes of :attr:`buffer` are written (release to every reader)."""
@@ -455,7 +539,7 @@ class Subscription:
                         f"bytes, tag {self.tag})")
             raise self.channel.mismatch(self.writer, text, peer_call_or_none, self.call)
         seg = self.channel.segments[int(ctl[base + _SEG])]
-        start = int(ctl[base + _PARITY]) * seg.capacity
+        start = int(ctl[base + _OFFSET])
         self.view = seg.regions[self.writer][start : start + nbytes]
         self.scale = float(np.array([ctl[base + _SCALE]], dtype=np.int64).view(np.float64)[0])
         self.found = True

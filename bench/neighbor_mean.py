@@ -9,6 +9,8 @@ tensor):
 * ``bf one-peer``  — ``bf.neighbor_mean(tree, one_peer_exponential_two(n), step)`` as configured
   (ranks of one machine read each other's buffers in shared memory: the default for trees of
   at least 1 MiB);
+* ``bf one-peer, shared tree`` — the same call on the tree made by ``bf.shared_tree`` (its leaves
+  live in this machine's shared memory: peers read them in place, nothing is written first);
 * ``bf one-peer, MPI only`` — the same call with the same-host transport switched off (on every
   rank together, for this row only): what two-sided MPI gives;
 * ``floor``        — raw mpi4py ``Sendrecv`` of one pre-fused buffer with the same peer, then
@@ -115,6 +117,11 @@ def measure(
         state["step"] += 1
 
     exchanges = getattr(current().executor, "exchanges", None)
+    shared = bf.shared_tree(leaves)
+
+    def bf_shared_tree() -> None:
+        bf.neighbor_mean(shared, topo, state["step"])
+        state["step"] += 1
 
     def bf_mpi_only() -> None:
         if exchanges is None:
@@ -159,6 +166,7 @@ def measure(
     rows = []
     for label, fn in [
         ("bf one-peer neighbor_mean", bf_one_peer),
+        ("bf one-peer, shared tree", bf_shared_tree),
         ("bf one-peer, MPI only", bf_mpi_only),
         ("floor: Sendrecv fused + average", floor),
         ("mpi4py Allreduce mean", mpi_allreduce),
@@ -322,13 +330,13 @@ def main() -> None:
             print(f"{name:34} {label:34} {t * 1e3:9.2f} {ratio:8.2f}")
         channel = getattr(getattr(current().executor, "exchanges", None), "channel", None)
         if channel is not None:
-            print("\nsame-host transport (bf one-peer, shared memory):")
+            print("\nsame-host transport (bf one-peer through shared memory):")
             for name in payloads:
                 t = {label: s for p, label, s, _ in rows if p == name}
-                print(f"  {name}: {t['floor: Sendrecv fused + average'] / t['bf one-peer neighbor_mean']:.2f}x faster "
-                      f"than the floor, {t['bf one-peer neighbor_mean'] / t['local 3-stream pass (no comm)']:.2f}x the "
-                      f"local 3-stream pass, {t['bf one-peer, MPI only'] / t['bf one-peer neighbor_mean']:.2f}x faster "
-                      "than bf over MPI")
+                floor_t, three = t["floor: Sendrecv fused + average"], t["local 3-stream pass (no comm)"]
+                for row in ("bf one-peer neighbor_mean", "bf one-peer, shared tree"):
+                    print(f"  {name}, {row}: {floor_t / t[row]:.2f}x faster than the floor, {t[row] / three:.2f}x the "
+                          f"local 3-stream pass, {t['bf one-peer, MPI only'] / t[row]:.2f}x faster than bf over MPI")
         alone = world_of_one_cost()
         print(f"\none-element tree, cached plan: bf {t_bf * 1e6:.1f} us per call, floor (Sendrecv + average) "
               f"{t_floor * 1e6:.1f} us: {t_bf / t_floor:.1f}x floor; world of one: {alone * 1e6:.1f} us per call")

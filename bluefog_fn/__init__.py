@@ -31,6 +31,7 @@ from .ops import (
     neighbor_gather_async,
     neighbor_mean,
     neighbor_mean_async,
+    shared_tree,
 )
 from .ops.window import Window
 from .optim import allreduce_parameters, broadcast_parameters
@@ -92,6 +93,7 @@ __all__ = [
     "plan_cache_clear",
     "plan_cache_info",
     "rank",
+    "shared_tree",
     "shutdown",
     "sim",
     "simulate",

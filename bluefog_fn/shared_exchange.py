@@ -123,7 +123,11 @@ class SharedExchange:
                 sub.active = True  # this call's own read: never drained while it is being posted
                 self.subs.append(sub)
         readers = [(q, s) for r, s in plan.sends if (q := index(r)) is not None]
-        self.pub: Publication = channel.publish(seg, self.nbytes, readers, call, plan.tag, self.what)
+        placed = self._placed(tensors)
+        if placed is not None:  # a bf.shared_tree: announced in place, nothing to write
+            self.pub: Publication = channel.publish_in_place(*placed, self.nbytes, readers, call, plan.tag, self.what)
+        else:
+            self.pub = channel.publish(seg, self.nbytes, readers, call, plan.tag, self.what)
         self.readers = [r for r, _ in plan.sends if index(r) is not None]
         self._own_of: np.ndarray | None = None
         self._own: list[np.ndarray] = []
@@ -135,7 +139,7 @@ class SharedExchange:
             for s in range(0, g.numel, per):
                 t = min(g.numel, s + per)
                 self.chunks.append((gi, s, t, self.offsets[gi] + t * g.dtype.itemsize))
-        self.written = 0  # chunks written
+        self.written = len(self.chunks) if self.pub.in_place else 0  # chunks written
         self._slot = [0] * len(groups)  # per group: the first slot not entirely written
         if not sync:
             self._write_all()
@@ -158,6 +162,27 @@ class SharedExchange:
         g = self.plan.layout.groups[gi]
         start = self.offsets[gi]
         return buf[start : start + g.numel * g.dtype.itemsize].view(_NUMPY_OF[g.dtype])
+
+    def _placed(self, tensors: Sequence[torch.Tensor]) -> tuple[int, int] | None:
+        """``(segment, offset)`` when the leaves are exactly a ``bf.shared_tree`` region of this
+        layout (every leaf a dense CPU view at its slot's place), else None."""
+        groups = self.plan.layout.groups
+        base = None
+        for gi, g in enumerate(groups):
+            for slot in g.slots:
+                t = tensors[slot.leaf]
+                if slot.numel == 0:
+                    continue
+                if t.device.type != "cpu" or not t.is_contiguous():
+                    return None
+                where = self.offsets[gi] + slot.offset * g.dtype.itemsize
+                if base is None:
+                    base = t.data_ptr() - where
+                elif t.data_ptr() != base + where:
+                    return None
+        if base is None:
+            return None
+        return self.channel.owner_of(base, self.nbytes)
 
     @staticmethod
     def _source(t: torch.Tensor) -> np.ndarray | torch.Tensor:
@@ -260,9 +285,22 @@ class SharedExchange:
             sub.release()
         self.pub.release()
         self.sources = []
+        if not self.pub.acked():
+            # The tree is the caller's again when the call returns: every reader must be done.
+            channel = self.channel
+            waiter = Waiter(
+                channel, f"{self.what}: waiting until same-host readers are done with this rank's tree",
+                lambda: [channel.members[q] for q, n in self.pub.readers if not channel.acked([(q, n)])],
+                watch=[q for q, _ in self.pub.readers], call=self.call,
+            )
+            while not self.pub.acked():
+                waiter.idle()
 
     def done(self) -> bool:
-        return self.written == len(self.chunks) and all(s.complete() for s in self.subs) and self._check_remote()
+        return (
+            self.written == len(self.chunks) and all(s.complete() for s in self.subs) and self._check_remote()
+            and self.pub.acked()
+        )
 
     def mix(self) -> list[torch.Tensor]:
         """Combine chunk by chunk as the sources announce them; returns the output leaves."""

@@ -93,6 +93,11 @@ class Executor(ABC):
 
     # ------------------------------------------------------------------ ops
 
+    def shared_tree(self, world: World, flat: Flat) -> Any:
+        """``bf.shared_tree``: a copy of the tree that peers on this machine can read in place
+        (here: an ordinary copy; a process world with the same-host transport overrides it)."""
+        return flat.unflatten([t.detach().clone() for t in flat.tensors])
+
     def neighbor_mean_lean(self, world: World, tree: Any, topology: Any, step: Any) -> Any:
         """A plain synchronous ``neighbor_mean`` (no weight overrides) served by a prepared
         executor, or :data:`MISS` when the call must take the regular path (validate →

@@ -16,12 +16,14 @@ import torch
 
 from ..agreement import agree
 from ..backend.errors import MismatchError
+from ..backend.shared_memory import aligned
 from ..backend.transport import Transport
 from ..execute import Exchange, RaggedGather, describe
 from ..hierarchy import StagedPlan, machine_weights, trace_staged
 from ..ops.handle import Handle, plan_args, tracked
 from ..plan import CommPlan, build_layout, make_tag
 from ..quick_tree import quick_flatten
+from ..shared_exchange import buffer_bytes
 from ..tracing import AnyTopology, trace_mix
 from ..tree import Flat, LeafMeta, flatten
 from ..world import World
@@ -106,6 +108,24 @@ class ProcessExecutor(Executor):
 
     def clear(self) -> None:
         self.prepared.clear()
+
+    def shared_tree(self, world: World, flat: Flat) -> Any:
+        channel = self.exchanges.channel
+        if channel is None or not self.exchanges.policy.enabled:
+            return super().shared_tree(world, flat)
+        layout = build_layout(flat.metas)
+        _, region = channel.allocate_tree(buffer_bytes(layout), "shared_tree")
+        leaves: list[torch.Tensor | None] = [None] * len(flat.tensors)
+        offset = 0
+        for g in layout.groups:
+            nbytes = g.numel * g.dtype.itemsize
+            fused = torch.from_numpy(region[offset : offset + nbytes]).view(g.dtype)
+            for slot in g.slots:
+                leaf = fused[slot.offset : slot.offset + slot.numel].view(slot.shape)
+                leaf.copy_(flat.tensors[slot.leaf].detach())
+                leaves[slot.leaf] = leaf
+            offset += aligned(nbytes)
+        return flat.unflatten(leaves)
 
     def neighbor_mean(
         self, world: World, flat: Flat, topology: AnyTopology | None, step: int,

@@ -22,6 +22,7 @@ from .hierarchical import (
     local_mean_async,
 )
 from .neighbor import neighbor_gather, neighbor_gather_async, neighbor_mean, neighbor_mean_async
+from .shared import shared_tree
 
 __all__ = [
     "Handle",
@@ -43,4 +44,5 @@ __all__ = [
     "neighbor_gather_async",
     "neighbor_mean",
     "neighbor_mean_async",
+    "shared_tree",
 ]
