@@ -78,11 +78,14 @@ class DecentralizedOptimizer:
     started right after the local step and they are waited for in order, so the later buckets'
     messages travel while the earlier ones are written back.  ``push_sum`` and ``win_put``
     move one window and ignore ``overlap``.  The results do not depend on ``overlap``: the
-    same buckets carry the same values either way.  A parameter used twice in a forward pass
-    fires its hook once, after accumulation; a second ``backward()`` before ``step()``
-    restarts the buckets it touches with the new gradients.  If a rank skips ``backward()``,
-    its buckets start in ``step()``, in bucket order; a rank that never calls ``step()``
-    makes the others fail after ``BLUEFOG_FN_TIMEOUT``.
+    same buckets carry the same values either way.  Exchanges always start in bucket order (a
+    bucket completed by backward before an earlier one waits for it), so every rank issues the
+    same ops in the same order whatever order its hooks fire in.  A parameter used twice in a
+    forward pass fires its hook once, after accumulation; a second ``backward()`` before
+    ``step()`` finishes the exchanges in flight and starts them again with the accumulated
+    gradients.  If a rank skips ``backward()``, its buckets start in ``step()``, in bucket
+    order, with its gradients as they are (``None`` counts as zeros); a rank that never calls
+    ``step()`` makes the others fail after ``BLUEFOG_FN_TIMEOUT``.
 
     Args:
         optimizer: a ``torch.optim.Optimizer`` over (a subset of) the module's parameters.
