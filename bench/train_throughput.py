@@ -191,7 +191,7 @@ def measure(row: Row, args: argparse.Namespace, bar: tqdm) -> list[float]:
         bar.update()
     close()
     everyone = bf.allgather(torch.tensor([mine], dtype=torch.float64))  # (ranks, iters)
-    return everyone.max(0).values.tolist()
+    return [float(v) for v in everyone.max(0).values]
 
 
 def main() -> None:
