@@ -52,6 +52,7 @@ def bench(session: nox.Session) -> None:
     """The benchmarks at 2 ranks (the only unoversubscribed setting on a 2-core machine)."""
     _install(session)
     session.run("bfrun", "-np", "2", "python", "bench/neighbor_mean.py", external=True)
+    session.run("bfrun", "-np", "2", "python", "bench/train_throughput.py", external=True)
     session.run("python", "bench/simulator.py")
 
 

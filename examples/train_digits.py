@@ -144,7 +144,7 @@ def train(name: str, args: argparse.Namespace, data: tuple[torch.Tensor, ...]) -
     return history
 
 
-def report(results: dict[str, dict[str, list[float]]], args: argparse.Namespace) -> None:
+def report(results: dict[str, dict[str, list[float]]], args: argparse.Namespace, baseline: str = "allreduce") -> None:
     names = list(results)
     print(f"\ndigits, {bf.size()} ranks, {'non-iid' if args.non_iid else 'iid'} shards, "
           f"batch {args.batch_size}/rank, lr {args.lr}, momentum {args.momentum}")
@@ -156,11 +156,11 @@ def report(results: dict[str, dict[str, list[float]]], args: argparse.Namespace)
     print("summary: " + "; ".join(
         f"{m} final {results[m]['acc'][-1]:.2f}% best {max(results[m]['acc']):.2f}% "
         f"{results[m]['time'][-1] / args.epochs:.2f} s/epoch" for m in names))
-    if "allreduce" in results:
-        base = results["allreduce"]["acc"][-1]
+    if baseline in results:
+        base = results[baseline]["acc"][-1]
         for m in names:
-            if m != "allreduce":
-                print(f"  {m} − allreduce at epoch {args.epochs}: {results[m]['acc'][-1] - base:+.2f} points")
+            if m != baseline:
+                print(f"  {m} − {baseline} at epoch {args.epochs}: {results[m]['acc'][-1] - base:+.2f} points")
 
 
 def plot(results: dict[str, dict[str, list[float]]], args: argparse.Namespace) -> None:

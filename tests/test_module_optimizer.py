@@ -76,6 +76,47 @@ def test_a_reused_parameter_starts_its_bucket_once() -> None:
     opt.step()
 
 
+class _LastUsedFirst(nn.Module):
+    """Registers its layers in the reverse of their use: backward fires hooks against bucket order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = nn.Linear(4, 1)
+        self.inp = nn.Linear(3, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.out(torch.tanh(self.inp(x)))
+        return out
+
+
+@pytest.mark.parametrize("style", ["awc", "gradient_allreduce"])
+def test_hooks_start_the_exchanges_in_bucket_order(style: str) -> None:
+    model = _LastUsedFirst().double()
+    started: list[int] = []
+    opt = bf.optim.DecentralizedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), model, T.ring(1), style=style, bucket_cap_mb=1e-6  # type: ignore[arg-type]
+    )
+    assert opt.buckets == [["inp.bias"], ["inp.weight"], ["out.bias"], ["out.weight"]]
+    inner = opt._start_hooked
+
+    def spy(b: int) -> bf.Handle[object]:
+        started.append(b)
+        return inner(b)
+
+    assert opt._hooks is not None
+    opt._hooks.start = spy
+    for _ in range(2):
+        started.clear()
+        opt.zero_grad()
+        model(torch.ones(2, 3, dtype=torch.float64)).sum().backward()
+        assert started == [0, 1, 2, 3]  # all from hooks, the last of them once inp's gradients came
+        opt.step()
+    started.clear()
+    opt.zero_grad()
+    opt.step()  # no backward: step() starts them, in the same order
+    assert started == [0, 1, 2, 3]
+
+
 @pytest.mark.parametrize("style", STYLES)
 def test_world_of_one_is_the_local_optimizer(style: str) -> None:
     a, b = _model(), _model()

@@ -49,11 +49,15 @@ def form_buckets(params: Sequence[torch.Tensor], cap_bytes: int) -> list[list[in
 class BucketHooks:
     """Per-step bookkeeping of which buckets are ready and which exchanges are in flight.
 
-    ``start(bucket)`` is called (from a gradient hook) once every parameter of the bucket has
-    its gradient for this step; it returns the handle of the bucket's exchange.  ``pending()``
-    lists, in bucket order, the handles of the step; buckets whose hooks did not fire (a
-    parameter without gradient) are started there, in bucket order, so the sequence of ops
-    is still the same on every rank that ran the same backward.
+    ``start(bucket)`` returns the handle of the bucket's exchange.  Exchanges are always
+    started in bucket order, as DDP does: a bucket whose gradients are all there is started
+    from the hook that completed it once every earlier bucket has been started, else it waits
+    for them.  ``pending()`` lists the handles of the step and starts, still in bucket order,
+    whatever backward did not (a rank that skipped backward, a parameter without gradient).
+    So every rank issues the same ops in the same order whatever its backward did: the order
+    in which hooks fire differs between modules (and between ranks, when one skips backward),
+    and collectives paired across ranks by their order would otherwise mix different buckets
+    (a global mean of one bucket with another's values).
     """
 
     params: Sequence[torch.Tensor]
@@ -63,6 +67,8 @@ class BucketHooks:
     _bucket_of: dict[int, int] = field(default_factory=dict)
     _ready: list[set[int]] = field(default_factory=list)
     _handles: dict[int, Handle[Any]] = field(default_factory=dict)
+    _complete: set[int] = field(default_factory=set)  # buckets whose gradients are all there
+    _next: int = 0  # every bucket before this one has been started
     _removers: list[Any] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -80,14 +86,25 @@ class BucketHooks:
             b = self._bucket_of[i]
             ready = self._ready[b]
             ready.add(i)
-            if len(ready) == len(self.buckets[b]):
-                ready.clear()
-                old = self._handles.pop(b, None)
-                if old is not None:  # a second backward before step(): the newer gradients win
-                    old.wait()
-                self._handles[b] = self.start(b)
+            if len(ready) < len(self.buckets[b]):
+                return
+            ready.clear()
+            if b in self._handles:  # a second backward before step(): the newer gradients win
+                self._restart()
+            self._complete.add(b)
+            while self._next in self._complete:
+                self._complete.discard(self._next)
+                self._handles[self._next] = self.start(self._next)
+                self._next += 1
 
         return hook
+
+    def _restart(self) -> None:
+        """Finish the exchanges started so far and start again from the first bucket."""
+        for b in sorted(self._handles):
+            self._handles[b].wait()
+        self._handles.clear()
+        self._next = 0
 
     def pending(self) -> list[tuple[int, Handle[Any]]]:
         """Every bucket's handle for this step, in bucket order; resets for the next step."""
@@ -102,6 +119,8 @@ class BucketHooks:
         """Forget partial readiness (e.g. after ``zero_grad`` or a step without exchange)."""
         for ready in self._ready:
             ready.clear()
+        self._complete.clear()
+        self._next = 0
 
     def in_flight(self) -> int:
         """How many bucket exchanges were started and not yet collected by :meth:`pending`."""

@@ -43,7 +43,8 @@ class DecentralizedOptimizer:
     * ``"atc"`` (adapt-then-combine): ``x ← W · L(x)`` (:func:`bluefog_fn.neighbor_mean`);
     * ``"awc"`` (adapt-with-combine): ``x ← W x + (L(x) − x)``;
     * ``"gradient_allreduce"``: ``g ← mean_r g_r``, then ``x ← L(x)`` — what DDP does
-      (a parameter without a gradient counts zeros in the mean and then has one);
+      (a parameter without a gradient counts zeros in the mean and then has one; ``.grad``
+      becomes the mean, a new tensor, rather than being overwritten in place);
     * ``"allreduce"``: ``x ← mean_r L(x)_r`` (:func:`bluefog_fn.global_mean` of the parameters);
     * ``"push_sum"``: push-sum over a :class:`bluefog_fn.Window`, as
       :func:`bluefog_fn.optim.push_sum`: ``u ← A · L(u)``, ``w ← A w``, ``x = u / w`` with the
@@ -78,11 +79,14 @@ class DecentralizedOptimizer:
     started right after the local step and they are waited for in order, so the later buckets'
     messages travel while the earlier ones are written back.  ``push_sum`` and ``win_put``
     move one window and ignore ``overlap``.  The results do not depend on ``overlap``: the
-    same buckets carry the same values either way.  A parameter used twice in a forward pass
-    fires its hook once, after accumulation; a second ``backward()`` before ``step()``
-    restarts the buckets it touches with the new gradients.  If a rank skips ``backward()``,
-    its buckets start in ``step()``, in bucket order; a rank that never calls ``step()``
-    makes the others fail after ``BLUEFOG_FN_TIMEOUT``.
+    same buckets carry the same values either way.  Exchanges always start in bucket order (a
+    bucket completed by backward before an earlier one waits for it), so every rank issues the
+    same ops in the same order whatever order its hooks fire in.  A parameter used twice in a
+    forward pass fires its hook once, after accumulation; a second ``backward()`` before
+    ``step()`` finishes the exchanges in flight and starts them again with the accumulated
+    gradients.  If a rank skips ``backward()``, its buckets start in ``step()``, in bucket
+    order, with its gradients as they are (``None`` counts as zeros); a rank that never calls
+    ``step()`` makes the others fail after ``BLUEFOG_FN_TIMEOUT``.
 
     Args:
         optimizer: a ``torch.optim.Optimizer`` over (a subset of) the module's parameters.
@@ -160,7 +164,10 @@ class DecentralizedOptimizer:
         self._params = params
         self._steps = 0
         self._buckets = form_buckets(params, int(cap * 2**20))
-        self._before: dict[int, list[torch.Tensor]] = {}  # awc: the pre-step values sent per bucket
+        # awc: per bucket, the pre-step values it sends; allocated once (a fresh 45 MB copy per
+        # step costs its page faults again every time), rewritten only after the last exchange
+        # that read them was waited for.
+        self._before: dict[int, list[torch.Tensor]] = {}
         self._hooks: BucketHooks | None = None
         if overlap and style in _HOOKED:
             self._hooks = BucketHooks(params, self._buckets, self._start_hooked, self._communicates_now)
@@ -241,10 +248,13 @@ class DecentralizedOptimizer:
         k = self._steps
         if self.style == "gradient_allreduce":
             return self._exchange(self._grads(b), k)
+        before = self._before.get(b)
+        if before is None:
+            before = self._before[b] = [torch.empty_like(self._params[i]) for i in self._buckets[b]]
         with torch.no_grad():
             # A copy: the local step updates the parameters in place while the messages travel.
-            before = [self._params[i].detach().clone() for i in self._buckets[b]]
-        self._before[b] = before
+            for x0, i in zip(before, self._buckets[b], strict=True):
+                x0.copy_(self._params[i])
         return self._exchange(before, k)
 
     def _hooked_handles(self) -> list[tuple[int, Handle[Any]]]:
@@ -271,11 +281,9 @@ class DecentralizedOptimizer:
             with torch.no_grad():
                 for b, h in handles:
                     for i, m in zip(self._buckets[b], h.wait(), strict=True):
-                        p = self._params[i]
-                        if p.grad is None:
-                            p.grad = m.clone()
-                        else:
-                            p.grad.copy_(m)
+                        # The mean is a fresh tensor nobody else holds: it becomes the gradient
+                        # (as after zero_grad(set_to_none=True)) instead of being copied into it.
+                        self._params[i].grad = m
             loss = self.optimizer.step()
         elif self.style == "awc":
             # With hooks, a closure's backward fires them, so their handles are collected after it.
@@ -284,10 +292,9 @@ class DecentralizedOptimizer:
             handles = early or self._hooked_handles()
             with torch.no_grad():
                 for b, h in handles:
-                    before = self._before.pop(b)
-                    for i, x0, m in zip(self._buckets[b], before, h.wait(), strict=True):
-                        p = self._params[i]
-                        p.copy_(m + (p - x0))
+                    for i, x0, m in zip(self._buckets[b], self._before[b], h.wait(), strict=True):
+                        # (L(x) − x) + W x in place: the same bits as m + (p − x0), no temporaries.
+                        self._params[i].sub_(x0).add_(m)
         else:  # atc, allreduce, hierarchical: combine the adapted parameters
             loss = self.optimizer.step(closure)
             handles = [

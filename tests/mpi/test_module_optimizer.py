@@ -31,14 +31,21 @@ pytestmark = pytest.mark.timeout(120)
 
 
 class Net(nn.Module):
-    """A small MLP; ``kind`` adds a frozen layer or a layer used twice in the forward pass."""
+    """A small MLP; ``kind`` adds a frozen layer or a layer used twice in the forward pass, or
+    (``"reordered"``) registers the layers last-used first, so that backward produces the
+    gradients in bucket order instead of against it."""
 
     def __init__(self, kind: str) -> None:
         super().__init__()
         self.kind = kind
-        self.inp = nn.Linear(3, 4)
-        self.mid = nn.Linear(4, 4)
-        self.out = nn.Linear(4, 1)
+        if kind == "reordered":
+            self.out = nn.Linear(4, 1)
+            self.mid = nn.Linear(4, 4)
+            self.inp = nn.Linear(3, 4)
+        else:
+            self.inp = nn.Linear(3, 4)
+            self.mid = nn.Linear(4, 4)
+            self.out = nn.Linear(4, 1)
         if kind == "frozen":
             self.inp.requires_grad_(False)
 
@@ -98,8 +105,14 @@ def _mix(w: torch.Tensor, xs: list[dict[str, torch.Tensor]]) -> list[dict[str, t
     return [{k: sum(w[i, j] * xs[j][k] for j in range(N)) for k in xs[0]} for i in range(N)]  # type: ignore[misc]
 
 
-def _reference(style: str, kind: str, steps: int, every: int) -> dict[str, torch.Tensor]:
-    """This rank's parameters after ``steps`` plain-SGD steps of ``style``, from all agents densely."""
+def _reference(
+    style: str, kind: str, steps: int, every: int, skip: tuple[int, int] | None = None
+) -> dict[str, torch.Tensor]:
+    """This rank's parameters after ``steps`` plain-SGD steps of ``style``, from all agents densely.
+
+    ``skip=(k, r)``: rank ``r`` ran no backward at iteration ``k`` (its gradients were ``None``,
+    which the wrapper and plain SGD treat as zeros).
+    """
     model = _net(kind)
     topo = _topology(style)
     xs = [_trainable(model) for _ in range(N)]
@@ -107,6 +120,8 @@ def _reference(style: str, kind: str, steps: int, every: int) -> dict[str, torch
     ws = torch.ones(N, dtype=torch.float64)
     for k in range(steps):
         gs = [torch.func.grad(lambda p, r=r: _loss(model, p, r))(xs[r]) for r in range(N)]
+        if skip is not None and skip[0] == k:
+            gs[skip[1]] = {n: torch.zeros_like(g) for n, g in gs[skip[1]].items()}
         comm = (k + 1) % every == 0
         rnd = k // every
         if style == "push_sum":
@@ -140,6 +155,7 @@ def _train(
     overlap: bool = True,
     cap_mb: float = 25.0,
     knobs: Callable[[bf.optim.DecentralizedOptimizer], None] | None = None,
+    skip: tuple[int, int] | None = None,
 ) -> tuple[Net, bf.optim.DecentralizedOptimizer]:
     model = _net(kind)
     opt = bf.optim.DecentralizedOptimizer(
@@ -149,14 +165,15 @@ def _train(
     if knobs is not None:
         knobs(opt)
     a, b = _data(ME)
-    for _ in range(steps):
+    for k in range(steps):
         opt.zero_grad()
-        ((model(a) - b) ** 2).sum().backward()
+        if skip != (k, ME):
+            ((model(a) - b) ** 2).sum().backward()
         opt.step()
     return model, opt
 
 
-@pytest.mark.parametrize("kind", ["plain", "frozen", "reused"])
+@pytest.mark.parametrize("kind", ["plain", "frozen", "reused", "reordered"])
 @pytest.mark.parametrize("style", STYLES)
 def test_every_style_matches_the_dense_reference(style: str, kind: str) -> None:
     model, opt = _train(style, kind, 5, cap_mb=1e-6)  # tiny buckets: one parameter each
@@ -189,6 +206,28 @@ def test_overlap_on_equals_overlap_off_bit_for_bit(style: str, cap_mb: float, ki
     all_ranks_agree(same, f"{style}: overlap on and off differ")
     opt_on.free()
     opt_off.free()
+
+
+@pytest.mark.skipif(N < 2, reason="needs a rank that skips while another runs backward")
+@pytest.mark.parametrize("overlap", [True, False])
+@pytest.mark.parametrize("kind", ["plain", "reordered"])
+@pytest.mark.parametrize("style", STYLES)
+def test_a_rank_without_backward_contributes_zero_gradients_and_nobody_hangs(
+    style: str, kind: str, overlap: bool
+) -> None:
+    """Rank 1 calls ``step()`` at iteration 2 without ``backward()`` (its gradients are ``None``).
+
+    With overlap the other ranks start their bucket exchanges from the gradient hooks while
+    rank 1 starts them in ``step()``; the ops must still pair up bucket by bucket (also when
+    backward produces the gradients in another order than the buckets', ``"reordered"``), and
+    rank 1 takes part with zeros, as the docs say for a parameter without gradient.
+    """
+    skip = (2, 1)
+    model, opt = _train(style, kind, 4, overlap=overlap, cap_mb=1e-6, skip=skip)
+    ref = _reference(style, kind, 4, 1, skip=skip)
+    for name, p in _trainable(model).items():
+        assert_close_everywhere(p, ref[name], f"{style}/{kind} overlap={overlap}: {name}", atol=1e-11, rtol=1e-11)
+    opt.free()
 
 
 def _in_weights(opt: bf.optim.DecentralizedOptimizer) -> None:
