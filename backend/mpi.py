@@ -328,11 +328,14 @@ class _Exchange:
         # Statuses of the receives when :meth:`done` saw everything complete (Testall frees the
         # requests, so :meth:`completed` must not poll them again).
         self._landed: list[MPI.Status] | None = None
+        self._statuses: list[MPI.Status] | None = None
 
     def done(self) -> bool:
         if self._finished or self._landed is not None:
             return True
-        statuses = [MPI.Status() for _ in range(len(self._recv_reqs) + len(self._send_reqs))]
+        statuses = self._statuses
+        if statuses is None:  # made once: done() may be polled many times
+            statuses = self._statuses = [MPI.Status() for _ in range(len(self._recv_reqs) + len(self._send_reqs))]
         try:
             if not MPI.Request.Testall(self._recv_reqs + self._send_reqs, statuses):
                 return False  # nothing was completed or freed

@@ -8,7 +8,7 @@ tensor):
 
 * ``bf one-peer``  — ``bf.neighbor_mean(tree, one_peer_exponential_two(n), step)`` as configured
   (ranks of one machine read each other's buffers in shared memory: the default for trees of
-  at least 1 MiB);
+  at least 32 MiB);
 * ``bf one-peer, shared tree`` — the same call on the tree made by ``bf.shared_tree`` (its leaves
   live in this machine's shared memory: peers read them in place, nothing is written first);
 * ``bf one-peer, MPI only`` — the same call with the same-host transport switched off (on every

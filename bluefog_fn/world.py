@@ -15,7 +15,7 @@ Environment variables:
 * ``BLUEFOG_FN_RANKS_PER_MACHINE`` — pretend every K consecutive ranks share one machine, so
   hierarchical features can be exercised on a single host (``size`` must be a multiple of K).
 * ``BLUEFOG_FN_SHM`` — the same-host shared-memory transport: ``auto`` (default: trees of at
-  least 1 MiB), ``1`` (every size), ``0`` (off); ``BLUEFOG_FN_SHM_MAX_MB`` bounds the shared
+  least 32 MiB), ``1`` (every size), ``0`` (off); ``BLUEFOG_FN_SHM_MAX_MB`` bounds the shared
   buffers one rank allocates (default 4096).
 """
 
@@ -222,7 +222,7 @@ def init(backend: BackendName = "auto", *, shm: bool | None = None) -> None:
             more than one rank), ``"local"`` (a world of one) or ``"auto"`` (MPI when launched by
             mpiexec, else local).
         shm: the same-host shared-memory transport for ranks of one machine: ``None`` (the
-            default: ``BLUEFOG_FN_SHM``, else on for trees of at least 1 MiB), ``True`` (every
+            default: ``BLUEFOG_FN_SHM``, else on for trees of at least 32 MiB), ``True`` (every
             size), ``False`` (off: MPI only).  Every rank must pass the same.
 
     Example:

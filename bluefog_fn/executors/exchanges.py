@@ -32,9 +32,10 @@ if TYPE_CHECKING:
 # Ops whose plans may read peers' buffers in place (the gather keeps its own receive buffers).
 _MIXING_OPS = ("neighbor_mean", "local_reduce", "machine_exchange", "local_broadcast")
 
-DEFAULT_MIN_BYTES = 1 << 20
-"""Trees smaller than this keep MPI by default (MPI's small-message path and the lean path are
-as fast there; see docs/performance.md)."""
+DEFAULT_MIN_BYTES = 32 << 20
+"""Trees smaller than this keep MPI by default: below it MPI's own shared-memory path (its
+copies stay in cache) was as fast or faster than writing the tree into the shared buffer on
+the machines measured (docs/performance.md)."""
 DEFAULT_MAX_MB = 4096
 
 

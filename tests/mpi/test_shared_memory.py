@@ -13,6 +13,7 @@ off (``BLUEFOG_FN_SHM=0``): see ``tests/run_all.sh``.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -30,8 +31,7 @@ EXCHANGES = getattr(current().executor, "exchanges", None)
 CHANNEL = None if EXCHANGES is None else EXCHANGES.channel
 pytestmark = pytest.mark.skipif(N < 2, reason="needs at least 2 ranks")
 
-# Two leaves of float32 (one spanning several 1 MiB chunks) and a float64 leaf: 1.3 MiB, above
-# the default threshold, so the transport is on here unless BLUEFOG_FN_SHM=0.
+# Two leaves of float32 (one spanning two 1 MiB chunks) and a float64 leaf: 1.3 MiB.
 SHAPES = {"big": (300_001,), "small": (7, 3), "f64": (1000,)}
 
 
@@ -73,6 +73,17 @@ def expected(topo: T.DynamicTopology, step: int) -> dict[str, torch.Tensor]:
 
 def used_shared_memory() -> int:
     return 0 if CHANNEL is None else CHANNEL.epoch
+
+
+@pytest.fixture(autouse=True)
+def _transport_on_for_every_size() -> Iterator[None]:
+    """Where a peer shares the machine, these tests run with the transport on for every size
+    (the default threshold would leave their trees to MPI); every rank enters it alike."""
+    if EXCHANGES is None or CHANNEL is None or not EXCHANGES.policy.enabled:
+        yield
+        return
+    with EXCHANGES.policy_as(dataclasses.replace(EXCHANGES.policy, min_bytes=0)):
+        yield
 
 
 def check(out: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> bool:
