@@ -328,10 +328,15 @@ def main() -> None:
         print(f"{'payload':34} {'method':34} {'ms':>9} {'x floor':>8}")
         for name, label, t, ratio in rows:
             print(f"{name:34} {label:34} {t * 1e3:9.2f} {ratio:8.2f}")
-        channel = getattr(getattr(current().executor, "exchanges", None), "channel", None)
-        if channel is not None:
-            print("\nsame-host transport (bf one-peer through shared memory):")
-            for name in payloads:
+        exchanges = getattr(current().executor, "exchanges", None)
+        channel = getattr(exchanges, "channel", None)
+        if channel is not None and exchanges is not None:
+            min_bytes = exchanges.policy.min_bytes
+            print(f"\nsame-host transport (bf one-peer through shared memory; trees of at least {min_bytes >> 20} MiB):")
+            for name, leaves in payloads.items():
+                if sum(x.numel() * x.element_size() for x in leaves) < min_bytes:
+                    print(f"  {name}: below the threshold, MPI (as the rows above show)")
+                    continue
                 t = {label: s for p, label, s, _ in rows if p == name}
                 floor_t, three = t["floor: Sendrecv fused + average"], t["local 3-stream pass (no comm)"]
                 for row in ("bf one-peer neighbor_mean", "bf one-peer, shared tree"):
