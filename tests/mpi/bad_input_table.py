@@ -260,8 +260,11 @@ def entries(n: int, me: int) -> list[Entry]:
         Entry("simulate", "simulate", lambda a: bf.simulate(**a), lambda c: {"n": 2},
               {"n": int_at_least(1)}, collective=False),
         Entry("init", "init", lambda a: bf.init(**a), lambda c: {"backend": "auto"},
-              {"backend": bad(st.one_of(st.text(min_size=1, max_size=4).filter(lambda s: s not in ("auto", "local", "mpi")), st.integers()))},
+              {"backend": bad(st.one_of(st.text(min_size=1, max_size=4).filter(lambda s: s not in ("auto", "local", "mpi")), st.integers())),
+               "shm": bad(st.one_of(st.integers(), st.text(min_size=1, max_size=3), st.floats(allow_nan=False)))},
               collective=False),
+        Entry("shared_tree", "shared_tree", lambda a: bf.shared_tree(**a), lambda c: {"tree": tree()},
+              {"tree": tree_bad(floating=False)}),
         # ---- one-sided windows (ctx["window"] is a live Window over _tree() on the ring)
         Entry("Window", "Window", lambda a: bf.Window(**a), lambda c: {"tree": tree(), "topology": ring},
               {"tree": window_tree_bad(), "topology": topology_bad(n)}),
