@@ -24,6 +24,7 @@ import torch
 
 import bluefog_fn as bf
 from bluefog_fn import topology as T
+from bluefog_fn.world import current
 
 pytestmark = pytest.mark.soak
 
@@ -36,8 +37,15 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def shared_memory_windows() -> int:
+    """MPI windows of the same-host transport (its control block and one per buffer size)."""
+    channel = getattr(getattr(current().executor, "exchanges", None), "channel", None)
+    return 0 if channel is None else len(channel.memory.windows)
+
+
 def live_mpi_objects() -> tuple[int, int]:
-    """(active MPI requests, open MPI windows) still referenced anywhere in this process."""
+    """(active MPI requests, open MPI windows other than the same-host transport's) still
+    referenced anywhere in this process."""
     if bf.size() == 1:
         return 0, 0
     from mpi4py import MPI
@@ -50,7 +58,7 @@ def live_mpi_objects() -> tuple[int, int]:
             requests += 1
         elif issubclass(kind, MPI.Win) and obj != MPI.WIN_NULL:
             windows += 1
-    return requests, windows
+    return requests, windows - shared_memory_windows()
 
 
 def test_soak_mixed_operations_stay_bounded(capsys: pytest.CaptureFixture[str]) -> None:
@@ -125,6 +133,7 @@ def test_soak_mixed_operations_stay_bounded(capsys: pytest.CaptureFixture[str]) 
         op(i)
         if i == (WARMUP + OPS) // 2:
             requests_mid, windows_mid = live_mpi_objects()  # collects garbage first
+            shared_mid = shared_memory_windows()
             rss_mid = rss_bytes()
     elapsed = time.perf_counter() - start
     gc.collect()
@@ -138,13 +147,16 @@ def test_soak_mixed_operations_stay_bounded(capsys: pytest.CaptureFixture[str]) 
     report = (
         f"soak rank {me}/{n}: {OPS - WARMUP} ops in {elapsed:.1f} s = {(OPS - WARMUP) / elapsed:.0f} ops/s; "
         f"RSS {rss_start / 2**20:.1f} -> {rss_mid / 2**20:.1f} -> {rss_end / 2**20:.1f} MiB; "
-        f"live requests {requests_mid} (half way), {requests} (end); windows {windows_mid}, {windows} (2 expected) "
+        f"live requests {requests_mid} (half way), {requests} (end); windows {windows_mid}, {windows} (4 expected) "
         f"-> {after_free} after free; {info}"
     )
     with capsys.disabled():
         print("\n" + report)
     assert requests == requests_mid == 0, report
-    assert windows == windows_mid == windows0 == (2 if n > 1 else 0), report
+    # Two bf.Windows, each an MPI window for its memory and one for its mutexes.
+    assert windows == windows_mid == windows0 == (4 if n > 1 else 0), report
+    # The same-host transport allocates once per buffer size, all seen in the first half.
+    assert shared_memory_windows() == shared_mid, report
     assert after_free == 0, report
     assert info.size <= info.maxsize, report
     assert rejected == sum(1 for i in range(OPS) if i % 12 == 10)
