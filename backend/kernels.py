@@ -86,17 +86,10 @@ def combine_arrays(
     x: np.ndarray, recv: np.ndarray, weights: Sequence[float], self_weight: float, out: np.ndarray
 ) -> None:
     """:func:`combine` on numpy float32/float64 arrays (the hot path: no tensor conversions)."""
-    k = recv.shape[0]
-    if k == 0:
-        _combine0(x, self_weight, out)
-    elif k == 1:
-        _combine1(x, recv[0], weights[0], self_weight, out)
-    elif k == 2:
-        _combine2(x, recv[0], recv[1], weights[0], weights[1], self_weight, out)
-    elif k == 3:
-        _combine3(x, recv[0], recv[1], recv[2], weights[0], weights[1], weights[2], self_weight, out)
-    else:
+    if recv.shape[0] > 3:
         _combine_many(x, recv, np.asarray(weights, dtype=np.float64), self_weight, out)
+    else:  # the rows of the 2-D buffer, as separate arrays
+        combine_rows(x, recv, weights, self_weight, out)  # type: ignore[arg-type]
 
 
 def combine_rows(

@@ -19,8 +19,8 @@ the caller computes.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import torch
@@ -36,6 +36,8 @@ from .plan import CommPlan, Layout
 
 if TYPE_CHECKING:
     from .timeline import Span
+
+T = TypeVar("T")
 
 CHUNK_BYTES = 1 << 20
 """Bytes written (and combined) per step of a synchronous call; a chunk stays in cache."""
@@ -302,14 +304,18 @@ class SharedExchange:
             and self.pub.acked()
         )
 
-    def mix(self) -> list[torch.Tensor]:
-        """Combine chunk by chunk as the sources announce them; returns the output leaves."""
+    def _explained(self, run: Callable[[], T]) -> T:
+        """``run()``, with a divergence error naming both ranks' calls (as ``Exchange`` does)."""
         try:
-            return self._mix()
+            return run()
         except CallMismatchError as exc:
             if self.calls is None:
                 raise
             raise explain(self.calls, self.plan.rank, self.plan.op, exc) from None
+
+    def mix(self) -> list[torch.Tensor]:
+        """Combine chunk by chunk as the sources announce them; returns the output leaves."""
+        return self._explained(self._mix)
 
     def _mix(self) -> list[torch.Tensor]:
         groups = self.plan.layout.groups
@@ -341,12 +347,7 @@ class SharedExchange:
 
     def gathered(self) -> dict[int, list[torch.Tensor]]:
         """Wait, then return each source's leaves (copied out of the shared buffers)."""
-        try:
-            return self._gathered()
-        except CallMismatchError as exc:
-            if self.calls is None:
-                raise
-            raise explain(self.calls, self.plan.rank, self.plan.op, exc) from None
+        return self._explained(self._gathered)
 
     def _gathered(self) -> dict[int, list[torch.Tensor]]:
         self._write_all()
