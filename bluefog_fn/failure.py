@@ -35,6 +35,7 @@ from typing import NoReturn
 
 JOB_DIR_ENV = "BLUEFOG_FN_JOB_DIR"
 # If MPI_Abort itself does not end this process (a broken launcher), the kernel does.
+_FORWARD_GRACE_SECONDS = 0.5  # how long the traceback gets to reach the launcher before the abort
 _ABORT_FALLBACK_SECONDS = 10
 
 
@@ -109,6 +110,9 @@ class RankFailureHook:
             signal.alarm(_ABORT_FALLBACK_SECONDS)
         with contextlib.suppress(BaseException):
             sys.stderr.flush()
+        # The launcher forwards each rank's stderr through a pipe; MPI_Abort ends every process
+        # of the job at once, its forwarders included, which can drop the traceback just written.
+        time.sleep(_FORWARD_GRACE_SECONDS)
         self.abort(code)
 
 

@@ -111,10 +111,13 @@ class ProcessExecutor(Executor):
 
     def shared_tree(self, world: World, flat: Flat) -> Any:
         channel = self.exchanges.channel
-        if channel is None or not self.exchanges.policy.enabled:
-            return super().shared_tree(world, flat)
         layout = build_layout(flat.metas)
-        _, region = channel.allocate_tree(buffer_bytes(layout), "shared_tree")
+        nbytes = buffer_bytes(layout)
+        policy = self.exchanges.policy
+        if channel is None or not policy.enabled or nbytes < max(policy.min_bytes, 1):
+            # Its calls would take MPI (the same decision on every rank: sizes agree).
+            return super().shared_tree(world, flat)
+        _, region = channel.allocate_tree(nbytes, "shared_tree")
         leaves: list[torch.Tensor | None] = [None] * len(flat.tensors)
         offset = 0
         for g in layout.groups:

@@ -17,8 +17,9 @@ def shared_tree(tree: Any) -> Any:
     calls (e.g. an optimizer step); do not modify them while an async call of them is in flight.
     Collective: every rank calls it at the same point with a tree of the same structure and
     sizes.  The memory is kept until ``bf.shutdown()`` (bounded by ``BLUEFOG_FN_SHM_MAX_MB``).
-    Where the same-host transport is off or no peer shares the machine it returns an ordinary
-    copy, so code using it runs everywhere.
+    Where the same-host transport is off, no peer shares the machine or the tree is below the
+    transport's size threshold (its calls take MPI) it returns an ordinary copy, so code using
+    it runs everywhere.
 
     Example:
         >>> import torch, bluefog_fn as bf
