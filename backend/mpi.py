@@ -386,18 +386,17 @@ class _Exchange:
         """The error for a receive MPI failed (a message larger than its buffer): a message of
         another call is a divergence (``CallMismatchError``, the peer is told), else a size mismatch."""
         self._cancel()
+        who = "a peer"
         for status in statuses:
             if status.Get_source() < 0 or status.Get_error() == MPI.SUCCESS:
                 continue  # not filled in, or a request that completed fine
             peer, tag = status.Get_source(), status.Get_tag()
             if tag != self._tag:
                 return self._wire.mismatch(peer, tag, self._tag, self._call)
-            return MismatchError(
-                f"{self._what}: rank {peer} sent more data than expected ({exc.Get_error_string()}); "
-                "ranks are calling with different tree shapes or dtypes"
-            )
+            who = f"rank {peer}"
+            break
         return MismatchError(
-            f"{self._what}: a peer sent more data than expected ({exc.Get_error_string()}); "
+            f"{self._what}: {who} sent more data than expected ({exc.Get_error_string()}); "
             "ranks are calling with different tree shapes or dtypes"
         )
 

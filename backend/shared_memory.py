@@ -191,15 +191,7 @@ class SharedChannel:
         if found is not None or nbytes in self.declined:
             return found
         capacity = -(-nbytes // 4096) * 4096
-        fits = self.allocated_bytes + 2 * capacity <= self.max_bytes and _shm_free() >= 2 * capacity * len(self.members)
-        answers = self.memory.agree((nbytes, fits), f"{what}: same-host shared memory for {nbytes} bytes")
-        sizes = sorted({a[0] for a in answers})
-        if len(sizes) > 1:
-            raise MismatchError(
-                f"{what}: the ranks of this machine ({list(self.members)}) asked for shared buffers of "
-                f"different sizes {sizes} at the same call; their calls diverged"
-            )
-        if not all(a[1] for a in answers):
+        if not self._agree_to_allocate(nbytes, 2 * capacity, "buffers", what):
             self.declined.add(nbytes)
             return None
         regions = self.memory.allocate(2 * capacity, f"{what}: same-host shared memory for {nbytes} bytes")
@@ -209,14 +201,7 @@ class SharedChannel:
     def allocate_tree(self, nbytes: int, what: str) -> tuple[int, np.ndarray]:
         """Collective: a region of ``nbytes`` on every member for a tree kept in shared memory
         (published in place, never copied); returns the segment and this member's region."""
-        fits = self.allocated_bytes + nbytes <= self.max_bytes and _shm_free() >= nbytes * len(self.members)
-        answers = self.memory.agree((nbytes, fits), f"{what}: same-host shared memory for {nbytes} bytes")
-        if len({a[0] for a in answers}) > 1:
-            raise MismatchError(
-                f"{what}: the ranks of this machine ({list(self.members)}) asked for shared trees of different "
-                f"sizes {sorted({a[0] for a in answers})} at the same call; their calls diverged"
-            )
-        if not all(a[1] for a in answers):
+        if not self._agree_to_allocate(nbytes, nbytes, "trees", what):
             raise MemoryError(
                 f"{what}: {nbytes} bytes of shared memory per rank would exceed BLUEFOG_FN_SHM_MAX_MB "
                 f"({self.max_bytes >> 20} MiB) or what /dev/shm has free on some rank of this machine"
@@ -224,6 +209,19 @@ class SharedChannel:
         regions = self.memory.allocate(max(nbytes, 1), what)
         self.segments.append(_Segment(nbytes, regions, pooled=False))
         return len(self.segments) - 1, regions[self.me]
+
+    def _agree_to_allocate(self, nbytes: int, per_rank: int, kind: str, what: str) -> bool:
+        """Collective: whether every member can allocate ``per_rank`` more bytes (``max_bytes``,
+        ``/dev/shm``); raises ``MismatchError`` if members ask for different ``nbytes``."""
+        fits = self.allocated_bytes + per_rank <= self.max_bytes and _shm_free() >= per_rank * len(self.members)
+        answers = self.memory.agree((nbytes, fits), f"{what}: same-host shared memory for {nbytes} bytes")
+        sizes = sorted({a[0] for a in answers})
+        if len(sizes) > 1:
+            raise MismatchError(
+                f"{what}: the ranks of this machine ({list(self.members)}) asked for shared {kind} of "
+                f"different sizes {sizes} at the same call; their calls diverged"
+            )
+        return all(a[1] for a in answers)
 
     def owner_of(self, address: int, nbytes: int) -> tuple[int, int] | None:
         """``(segment, offset)`` of this rank's tree region holding ``[address, address + nbytes)``."""

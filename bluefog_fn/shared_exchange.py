@@ -44,9 +44,18 @@ CHUNK_BYTES = 1 << 20
 _AHEAD = 2  # chunks written ahead of the combine
 
 
+def group_offsets(layout: Layout) -> list[int]:
+    """Byte offset of each dtype group in a layout's shared buffer, then the buffer's size
+    (each group starts on a cache line)."""
+    offsets = [0]
+    for g in layout.groups:
+        offsets.append(offsets[-1] + aligned(g.numel * g.dtype.itemsize))
+    return offsets
+
+
 def buffer_bytes(layout: Layout) -> int:
     """Bytes of a layout's shared buffer (each dtype group cache-line aligned)."""
-    return sum(aligned(g.numel * g.dtype.itemsize) for g in layout.groups)
+    return group_offsets(layout)[-1]
 
 
 def local_edges(plan: CommPlan, channel: SharedChannel) -> bool:
@@ -106,12 +115,7 @@ class SharedExchange:
         # ("mpi", row of the remote exchange).
         self.rows: list[tuple[str, int]] = []
         groups = plan.layout.groups
-        self.offsets: list[int] = []
-        off = 0
-        for g in groups:
-            self.offsets.append(off)
-            off += aligned(g.numel * g.dtype.itemsize)
-        self.nbytes = off
+        *self.offsets, self.nbytes = group_offsets(plan.layout)
         self.subs: list[Subscription] = []
         j = 0
         for src, _ in plan.recvs:

@@ -95,6 +95,10 @@ class Exchanges:
         finally:
             self.policy = saved
 
+    def applies(self, nbytes: int) -> bool:
+        """Whether the policy sends a shared buffer of ``nbytes`` through shared memory."""
+        return self.channel is not None and self.policy.enabled and nbytes > 0 and nbytes >= self.policy.min_bytes
+
     def shared_segment(self, plan: CommPlan, *, first: bool, what: str) -> int | None:
         """The shared segment this plan's call uses, or None for MPI only.
 
@@ -102,10 +106,10 @@ class Exchanges:
         an op; not a stage only some ranks run), so a segment may be allocated collectively.
         """
         channel = self.channel
-        if channel is None or not self.policy.enabled or plan.op not in _MIXING_OPS:
+        if channel is None or plan.op not in _MIXING_OPS:
             return None
         nbytes = buffer_bytes(plan.layout)
-        if nbytes < self.policy.min_bytes or nbytes == 0:
+        if not self.applies(nbytes):
             return None
         seg = channel.segment_for(nbytes, what) if first else channel.lookup(nbytes)
         if seg is None or not local_edges(plan, channel):
@@ -137,8 +141,4 @@ class Exchanges:
 
     def uses_shared_memory(self, plan: CommPlan) -> bool:
         """Whether a call of ``plan`` (whose buffer size was seen before) reads peers in place."""
-        channel = self.channel
-        if channel is None or not self.policy.enabled or plan.op not in _MIXING_OPS:
-            return False
-        nbytes = buffer_bytes(plan.layout)
-        return nbytes >= self.policy.min_bytes and nbytes > 0 and channel.lookup(nbytes) is not None and local_edges(plan, channel)
+        return self.shared_segment(plan, first=False, what=describe(plan)) is not None

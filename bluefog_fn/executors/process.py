@@ -16,14 +16,13 @@ import torch
 
 from ..agreement import agree
 from ..backend.errors import MismatchError
-from ..backend.shared_memory import aligned
 from ..backend.transport import Transport
 from ..execute import Exchange, RaggedGather, describe
 from ..hierarchy import StagedPlan, machine_weights, trace_staged
 from ..ops.handle import Handle, plan_args, tracked
 from ..plan import CommPlan, build_layout, make_tag
 from ..quick_tree import quick_flatten
-from ..shared_exchange import buffer_bytes
+from ..shared_exchange import group_offsets
 from ..tracing import AnyTopology, trace_mix
 from ..tree import Flat, LeafMeta, flatten
 from ..world import World
@@ -112,22 +111,18 @@ class ProcessExecutor(Executor):
     def shared_tree(self, world: World, flat: Flat) -> Any:
         channel = self.exchanges.channel
         layout = build_layout(flat.metas)
-        nbytes = buffer_bytes(layout)
-        policy = self.exchanges.policy
-        if channel is None or not policy.enabled or nbytes < max(policy.min_bytes, 1):
+        *offsets, nbytes = group_offsets(layout)
+        if channel is None or not self.exchanges.applies(nbytes):
             # Its calls would take MPI (the same decision on every rank: sizes agree).
             return super().shared_tree(world, flat)
         _, region = channel.allocate_tree(nbytes, "shared_tree")
         leaves: list[torch.Tensor | None] = [None] * len(flat.tensors)
-        offset = 0
-        for g in layout.groups:
-            nbytes = g.numel * g.dtype.itemsize
-            fused = torch.from_numpy(region[offset : offset + nbytes]).view(g.dtype)
+        for g, offset in zip(layout.groups, offsets, strict=True):
+            fused = torch.from_numpy(region[offset : offset + g.numel * g.dtype.itemsize]).view(g.dtype)
             for slot in g.slots:
                 leaf = fused[slot.offset : slot.offset + slot.numel].view(slot.shape)
                 leaf.copy_(flat.tensors[slot.leaf].detach())
                 leaves[slot.leaf] = leaf
-            offset += aligned(nbytes)
         return flat.unflatten(leaves)  # type: ignore[arg-type]  # every slot was filled
 
     def neighbor_mean(
