@@ -179,10 +179,15 @@ def plot(results: dict[str, dict[str, list[float]]], args: argparse.Namespace) -
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend()
+    save(fig, args.out)
+
+
+def save(fig: Any, path: str) -> None:
+    """Write ``fig`` to ``path`` (creating its directory) and say so."""
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    fig.savefig(args.out, dpi=120)
-    print(f"wrote {args.out}")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
 
 
 def warm_up(x: torch.Tensor, y: torch.Tensor) -> None:

@@ -46,7 +46,7 @@ import bluefog_fn as bf
 from bluefog_fn import topology as T
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_digits import CNN, load, report, shard  # the same data, model and report
+from train_digits import CNN, load, report, save, shard  # data, model, report, figure
 
 STYLES = ("gradient_allreduce", "allreduce", "atc", "awc", "push_sum", "win_put", "hierarchical")
 DEFAULT = "gradient_allreduce,atc,awc"
@@ -159,10 +159,7 @@ def plot_loss(results: dict[str, dict[str, list[float]]], args: argparse.Namespa
            title=f"digits CNN, DecentralizedOptimizer, {bf.size()} ranks on {bf.machine_size()} machine(s)")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    fig.savefig(args.out, dpi=120)
-    print(f"wrote {args.out}")
+    save(fig, args.out)
 
 
 def parse_styles(text: str) -> list[str]:
