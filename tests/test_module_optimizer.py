@@ -56,12 +56,11 @@ def test_exchanges_start_during_backward_with_overlap(style: str) -> None:
     assert off._hooks is None
 
 
-def test_a_reused_parameter_starts_its_bucket_once() -> None:
-    lin = nn.Linear(2, 2).double()
-    model = nn.Sequential(lin, lin)
+def _recording_starts(model: nn.Module, style: str) -> tuple[bf.optim.DecentralizedOptimizer, list[int]]:
+    """A one-parameter-per-bucket optimizer whose hooks record which bucket they start, in order."""
     started: list[int] = []
     opt = bf.optim.DecentralizedOptimizer(
-        torch.optim.SGD(model.parameters(), lr=0.1), model, T.ring(1), style="gradient_allreduce", bucket_cap_mb=1e-6
+        torch.optim.SGD(model.parameters(), lr=0.1), model, T.ring(1), style=style, bucket_cap_mb=1e-6  # type: ignore[arg-type]
     )
     inner = opt._start_hooked
 
@@ -71,6 +70,13 @@ def test_a_reused_parameter_starts_its_bucket_once() -> None:
 
     assert opt._hooks is not None
     opt._hooks.start = spy
+    return opt, started
+
+
+def test_a_reused_parameter_starts_its_bucket_once() -> None:
+    lin = nn.Linear(2, 2).double()
+    model = nn.Sequential(lin, lin)
+    opt, started = _recording_starts(model, "gradient_allreduce")
     model(torch.ones(1, 2, dtype=torch.float64)).sum().backward()
     assert sorted(started) == [0, 1]
     opt.step()
@@ -92,19 +98,8 @@ class _LastUsedFirst(nn.Module):
 @pytest.mark.parametrize("style", ["awc", "gradient_allreduce"])
 def test_hooks_start_the_exchanges_in_bucket_order(style: str) -> None:
     model = _LastUsedFirst().double()
-    started: list[int] = []
-    opt = bf.optim.DecentralizedOptimizer(
-        torch.optim.SGD(model.parameters(), lr=0.1), model, T.ring(1), style=style, bucket_cap_mb=1e-6  # type: ignore[arg-type]
-    )
+    opt, started = _recording_starts(model, style)
     assert opt.buckets == [["inp.bias"], ["inp.weight"], ["out.bias"], ["out.weight"]]
-    inner = opt._start_hooked
-
-    def spy(b: int) -> bf.Handle[object]:
-        started.append(b)
-        return inner(b)
-
-    assert opt._hooks is not None
-    opt._hooks.start = spy
     for _ in range(2):
         started.clear()
         opt.zero_grad()
