@@ -143,6 +143,7 @@ class SharedChannel:
         self.ctrl = [r.view(np.int64) for r in memory.allocate(words * 8, "same-host shared memory: control")]
         self.segments: list[_Segment] = []
         self.declined: set[int] = set()
+        self.tree_sizes: set[int] = set()  # buffer sizes some shared tree of this machine has
         self.sent = [0] * n
         self.received = [0] * n
         self.epoch = 0
@@ -208,6 +209,7 @@ class SharedChannel:
             )
         regions = self.memory.allocate(max(nbytes, 1), what)
         self.segments.append(_Segment(nbytes, regions, pooled=False))
+        self.tree_sizes.add(nbytes)
         return len(self.segments) - 1, regions[self.me]
 
     def _agree_to_allocate(self, nbytes: int, per_rank: int, kind: str, what: str) -> bool:

@@ -118,6 +118,7 @@ class Row:
 
 ROWS: dict[str, list[Row]] = {
     "ddp": [Row("DDP (gloo)", None, True)],
+    "local": [Row("local SGD, no exchange", "local", False)],
     "gradient_allreduce": [
         Row("bf gradient_allreduce", "gradient_allreduce", True),
         Row("bf gradient_allreduce", "gradient_allreduce", False),
@@ -156,7 +157,7 @@ def build(row: Row, args: argparse.Namespace) -> tuple[Step, Callable[[], None]]
         net = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=args.bucket_cap_mb)
     sgd = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
     opt: torch.optim.Optimizer | bf.optim.DecentralizedOptimizer = sgd
-    if row.style is not None:
+    if row.style not in (None, "local"):
         topo = bf.topology.one_peer_exponential_two(bf.size())
         opt = bf.optim.DecentralizedOptimizer(
             sgd, model, topo, style=row.style, overlap=row.overlap, bucket_cap_mb=args.bucket_cap_mb,  # type: ignore[arg-type]
@@ -191,6 +192,8 @@ def measure(row: Row, args: argparse.Namespace, bar: tqdm) -> list[float]:
         bar.update()
     close()
     everyone = bf.allgather(torch.tensor([mine], dtype=torch.float64))  # (ranks, iters)
+    if os.environ.get("BENCH_DEBUG") and bf.rank() == 0:
+        print(row.label, [round(float(v) * 1e3) for v in everyone.max(0).values])
     return [float(v) for v in everyone.max(0).values]
 
 
@@ -245,7 +248,7 @@ def main() -> None:
         med, mean = rate[row]
         r_med = f"{med / base[0]:6.2f}" if base is not None else f"{'-':>6}"
         r_mean = f"{mean / base[1]:6.2f}" if base is not None else f"{'-':>6}"
-        overlap = "-" if row.style is None else ("on" if row.overlap else "off")
+        overlap = "-" if row.style in (None, "local") else ("on" if row.overlap else "off")
         print(f"{row.label:24} {overlap:>7} {med:9.1f} {med * n:8.1f} {r_med} {mean:15.1f} {r_mean}")
 
 

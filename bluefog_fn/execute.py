@@ -9,6 +9,7 @@ are views into it.  CUDA leaves go through reusable pinned host buffers on the w
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -83,6 +84,79 @@ def _layout_views(layout: Layout, buffers: Sequence[torch.Tensor]) -> list[torch
         for s in g.slots:
             outs[s.leaf] = buf[s.offset : s.offset + s.numel].view(s.shape)
     return outs  # type: ignore[return-value]
+
+
+def placed_groups(layout: Layout, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
+    """One 1-D tensor per dtype group spanning ``tensors``' memory when every leaf is a dense CPU
+    view at its slot's place in one buffer per group (the leaves :func:`_layout_views` makes, or
+    those of ``bf.shared_tree``); None otherwise.
+
+    A result can then be combined straight into the caller's memory.
+    """
+    out = []
+    for g in layout.groups:
+        base = first = None
+        itemsize = g.dtype.itemsize
+        for slot in g.slots:
+            if slot.numel == 0:
+                continue
+            t = tensors[slot.leaf]
+            if t.device.type != "cpu" or t.dtype != g.dtype or not t.is_contiguous():
+                return None
+            if base is None:
+                base, first = t.data_ptr() - slot.offset * itemsize, t
+            elif t.data_ptr() != base + slot.offset * itemsize:
+                return None
+        if first is None:
+            out.append(torch.empty(g.numel, dtype=g.dtype))
+            continue
+        storage = first.untyped_storage()
+        start = base - storage.data_ptr()  # type: ignore[operator]
+        if start < 0 or start % itemsize or start + g.numel * itemsize > storage.nbytes():
+            return None
+        out.append(torch.empty(0, dtype=g.dtype).set_(storage, start // itemsize, (g.numel,), (1,)))
+    return out
+
+
+def _span(a: np.ndarray | torch.Tensor) -> tuple[int, int]:
+    if isinstance(a, np.ndarray):
+        start = int(a.ctypes.data)
+        return start, start + a.nbytes
+    return a.data_ptr(), a.data_ptr() + a.numel() * a.element_size()
+
+
+def output_groups(
+    res: Resources, layout: Layout, into: Sequence[torch.Tensor] | None, inputs: Sequence[Sequence[np.ndarray | torch.Tensor]],
+) -> tuple[list[torch.Tensor], bool]:
+    """Where a combine writes: ``into``'s own memory when it is placed (see
+    :func:`placed_groups`) and disjoint from every buffer the combine reads (``inputs``: the
+    caller's memory it sends or reads in place), else fresh pooled buffers; and whether it
+    writes into ``into``.  An ``into`` that overlaps the inputs (``out=tree``: an update in
+    place) gets the result copied in once the exchange is complete."""
+    if into is not None:
+        placed = placed_groups(layout, into)
+        if placed is not None:
+            reads = sorted(_span(a) for group in inputs for a in group)
+            starts = [a for a, _ in reads]
+            for target in placed:
+                lo, hi = _span(target)
+                k = bisect.bisect_left(starts, hi)  # reads starting before the target ends
+                if any(b > lo and a < hi for a, b in reads[:k]):
+                    break
+            else:
+                return placed, True
+    return [res.pool.take(g.dtype, g.numel) for g in layout.groups], False
+
+
+def deliver(layout: Layout, buffers: Sequence[torch.Tensor], device: torch.device, into: Sequence[torch.Tensor] | None, placed: bool) -> list[torch.Tensor]:
+    """The output leaves of a combine into ``buffers``: views of them, or ``into`` (copied
+    there unless the combine already wrote in place)."""
+    if into is None:
+        return _layout_views(layout, [_to_device(b, device) for b in buffers])
+    if not placed:
+        for target, value in zip(into, _layout_views(layout, buffers), strict=True):
+            target.copy_(value)
+    return list(into)
 
 
 def _to_device(buf: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -172,16 +246,15 @@ class Exchange:
     def done(self) -> bool:
         return self.pending.done()
 
-    def mix(self) -> list[torch.Tensor]:
-        """Combine each segment into fresh fused outputs as soon as all its messages landed
-        (while they are still in cache); returns the output leaves."""
+    def mix(self, into: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Combine each segment into fresh fused outputs (or ``into``'s leaves) as soon as all
+        its messages landed (while they are still in cache); returns the output leaves."""
         plan = self.plan
         groups = plan.layout.groups
         weights = [w for _, w in plan.recvs]
         self_weight = plan.self_weight
-        pairs = [self.res.pool.take_pair(g.dtype, g.numel) for g in groups]
-        outs = [t for t, _ in pairs]
-        outs_np = [a if uses_numba(g.dtype) else None for (_, a), g in zip(pairs, groups, strict=True)]
+        outs, placed = output_groups(self.res, plan.layout, into, self.x_np)
+        outs_np = [host_array(o) if uses_numba(g.dtype) else None for o, g in zip(outs, groups, strict=True)]
         n_in = len(weights)
         span = self.span
         if span is not None:
@@ -211,7 +284,7 @@ class Exchange:
                 span.add("wait", wait_start, span.phases[-1][1] if span.phases[-1][0] == "combine" else span.now())
                 span.phases.sort(key=_phase_start)
         self._release()
-        return _leaf_views(plan, [_to_device(o, self.device) for o in outs])
+        return deliver(plan.layout, outs, self.device, into, placed)
 
     def _combine_segment_fn(
         self, outs: list[torch.Tensor], outs_np: list[np.ndarray | None], weights: list[float], self_weight: float

@@ -31,7 +31,7 @@ from .backend.kernels import combine_rows, combine_tensor_rows, uses_numba
 from .backend.shared_memory import Publication, SharedChannel, Subscription, Waiter, aligned
 from .backend.transport import Transport
 from .call_order import CallOrder, explain
-from .execute import Exchange, Resources, _leaf_views, _to_device, describe
+from .execute import Exchange, Resources, _leaf_views, _to_device, deliver, describe, output_groups
 from .plan import CommPlan, Layout
 
 if TYPE_CHECKING:
@@ -317,15 +317,14 @@ class SharedExchange:
                 raise
             raise explain(self.calls, self.plan.rank, self.plan.op, exc) from None
 
-    def mix(self) -> list[torch.Tensor]:
-        """Combine chunk by chunk as the sources announce them; returns the output leaves."""
-        return self._explained(self._mix)
+    def mix(self, into: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Combine chunk by chunk as the sources announce them; returns the output leaves
+        (``into``'s, when given: written in place when they are placed, else copied there)."""
+        return self._explained(lambda: self._mix(into))
 
-    def _mix(self) -> list[torch.Tensor]:
-        groups = self.plan.layout.groups
-        pairs = [self.res.pool.take_pair(g.dtype, g.numel) for g in groups]
-        outs = [t for t, _ in pairs]
-        outs_np = [a for _, a in pairs]
+    def _mix(self, into: Sequence[torch.Tensor] | None) -> list[torch.Tensor]:
+        outs, placed = output_groups(self.res, self.plan.layout, into, [self.sources])
+        outs_np = [host_array(o) for o in outs]
         for sub in self.subs:
             sub.active = True
         waiter = self._waiter(f"{self.what}: waiting for same-host peers' data")
@@ -347,7 +346,7 @@ class SharedExchange:
         self._finish()
         if self.span is not None:
             self.span.phase("combine")
-        return _leaf_views(self.plan, [_to_device(o, self.device) for o in outs])
+        return deliver(self.plan.layout, outs, self.device, into, placed)
 
     def gathered(self) -> dict[int, list[torch.Tensor]]:
         """Wait, then return each source's leaves (copied out of the shared buffers)."""

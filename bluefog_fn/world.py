@@ -22,6 +22,7 @@ Environment variables:
 from __future__ import annotations
 
 import os
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -69,6 +70,17 @@ class World:
     # Why the machines are not homogeneous blocks of consecutive ranks (None: they are); the
     # hierarchical ops refuse to run otherwise.  The same on every rank (computed from all ranks).
     homogeneity: str | None = None
+    # Called (weakly: a collected owner is skipped) before the world closes, to move tensors
+    # out of memory that closes with it (see World.on_close).
+    closing: list[Any] = field(default_factory=list)
+
+    def on_close(self, method: Any) -> None:
+        """Call the bound ``method`` before this world closes, if its object is still alive.
+
+        For objects holding tensors in memory the world owns (``bf.shared_tree`` regions), so
+        they can move them out before it is unmapped.
+        """
+        self.closing.append(weakref.WeakMethod(method))
 
 
 
@@ -274,6 +286,11 @@ def shutdown() -> None:
 def _close(process: World) -> None:
     _CONTEXT.stack.clear()  # first: a failing close leaves no half-closed world behind
     try:
+        for ref in process.closing:
+            method = ref()
+            if method is not None:
+                method()
+        process.closing.clear()
         process.executor.close()
     finally:
         if process.timeline is not None:

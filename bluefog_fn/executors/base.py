@@ -21,6 +21,8 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import torch
+
     from ..ops.handle import Handle
     from ..ops.window import Window, WindowSnapshot
     from ..topology import Topology
@@ -108,11 +110,14 @@ class Executor(ABC):
     def neighbor_mean(
         self, world: World, flat: Flat, topology: AnyTopology | None, step: int,
         self_weight: Any, src_weights: Any, dst_weights: Any, *, adjoint: bool = False, sync: bool = False,
+        out: Sequence[torch.Tensor] | None = None,
     ) -> Handle[Any]:
         """``W x`` (``adjoint``: ``Wᵀ x``, the gradient's exchange, not itself recorded by autograd).
 
         ``sync``: the caller waits on the handle at once (an executor may then fuse posting
-        and combining); results are the same either way."""
+        and combining); results are the same either way.  ``out``: leaves (validated by the op:
+        ``flat``'s shapes and dtypes, memory disjoint from it, nothing to differentiate) that
+        receive the result; the handle's tree then has them as its leaves."""
 
     @abstractmethod
     def neighbor_gather(

@@ -36,6 +36,9 @@ DEFAULT_MIN_BYTES = 32 << 20
 """Trees smaller than this keep MPI by default: below it MPI's own shared-memory path (its
 copies stay in cache) was as fast or faster than writing the tree into the shared buffer on
 the machines measured (docs/performance.md)."""
+DEFAULT_MIN_TREE_BYTES = 1 << 20
+"""``bf.shared_tree`` of smaller trees returns an ordinary copy by default: below it a call's
+fixed cost (flags, tokens) outweighs the copy it saves."""
 DEFAULT_MAX_MB = 4096
 
 
@@ -45,13 +48,16 @@ class SharedMemoryPolicy:
 
     ``enabled``: at all (``BLUEFOG_FN_SHM=0`` or ``bf.init(shm=False)`` turn it off);
     ``min_bytes``: smallest shared buffer that uses it (``BLUEFOG_FN_SHM=1`` or
-    ``bf.init(shm=True)``: 0, every size); ``max_bytes``: the most shared memory one rank
-    allocates for buffers (``BLUEFOG_FN_SHM_MAX_MB``).
+    ``bf.init(shm=True)``: 0, every size); ``min_tree_bytes``: smallest ``bf.shared_tree`` kept
+    in shared memory (forced: 0) — calls of a buffer size some shared tree has use the
+    transport whatever ``min_bytes`` says, since that tree is read in place; ``max_bytes``: the
+    most shared memory one rank allocates (``BLUEFOG_FN_SHM_MAX_MB``).
     """
 
     enabled: bool = True
     min_bytes: int = DEFAULT_MIN_BYTES
     max_bytes: int = DEFAULT_MAX_MB << 20
+    min_tree_bytes: int = DEFAULT_MIN_TREE_BYTES
 
     @staticmethod
     def from_env(shm: bool | None = None) -> SharedMemoryPolicy:
@@ -70,7 +76,9 @@ class SharedMemoryPolicy:
             enabled, forced = raw != "0", raw == "1"
         else:
             enabled, forced = shm, shm
-        return SharedMemoryPolicy(enabled, 0 if forced else DEFAULT_MIN_BYTES, max_mb << 20)
+        if forced:
+            return SharedMemoryPolicy(enabled, 0, max_mb << 20, 0)
+        return SharedMemoryPolicy(enabled, DEFAULT_MIN_BYTES, max_mb << 20, DEFAULT_MIN_TREE_BYTES)
 
 
 class Exchanges:
@@ -96,8 +104,16 @@ class Exchanges:
             self.policy = saved
 
     def applies(self, nbytes: int) -> bool:
-        """Whether the policy sends a shared buffer of ``nbytes`` through shared memory."""
-        return self.channel is not None and self.policy.enabled and nbytes > 0 and nbytes >= self.policy.min_bytes
+        """Whether the policy sends a shared buffer of ``nbytes`` through shared memory (the
+        same answer on every rank of a machine: shared trees are allocated collectively)."""
+        channel = self.channel
+        if channel is None or not self.policy.enabled or nbytes <= 0:
+            return False
+        return nbytes >= self.policy.min_bytes or nbytes in channel.tree_sizes
+
+    def keeps_tree(self, nbytes: int) -> bool:
+        """Whether ``bf.shared_tree`` of a tree whose buffer has ``nbytes`` puts it in shared memory."""
+        return self.channel is not None and self.policy.enabled and nbytes > 0 and nbytes >= self.policy.min_tree_bytes
 
     def shared_segment(self, plan: CommPlan, *, first: bool, what: str) -> int | None:
         """The shared segment this plan's call uses, or None for MPI only.

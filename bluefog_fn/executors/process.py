@@ -112,10 +112,12 @@ class ProcessExecutor(Executor):
         channel = self.exchanges.channel
         layout = build_layout(flat.metas)
         *offsets, nbytes = group_offsets(layout)
-        if channel is None or not self.exchanges.applies(nbytes):
-            # Its calls would take MPI (the same decision on every rank: sizes agree).
-            return super().shared_tree(world, flat)
-        _, region = channel.allocate_tree(nbytes, "shared_tree")
+        if channel is None or not self.exchanges.keeps_tree(nbytes):
+            # Private memory, in the same fused layout (so out= can still write into it); the
+            # same decision on every rank: sizes agree.
+            region = np.empty(max(nbytes, 1), dtype=np.uint8)
+        else:
+            _, region = channel.allocate_tree(nbytes, "shared_tree")
         leaves: list[torch.Tensor | None] = [None] * len(flat.tensors)
         for g, offset in zip(layout.groups, offsets, strict=True):
             fused = torch.from_numpy(region[offset : offset + g.numel * g.dtype.itemsize]).view(g.dtype)
@@ -128,6 +130,7 @@ class ProcessExecutor(Executor):
     def neighbor_mean(
         self, world: World, flat: Flat, topology: AnyTopology | None, step: int,
         self_weight: Any, src_weights: Any, dst_weights: Any, *, adjoint: bool = False, sync: bool = False,
+        out: Sequence[torch.Tensor] | None = None,
     ) -> Handle[Any]:
         fn = "neighbor_mean"
         if adjoint:
@@ -143,8 +146,10 @@ class ProcessExecutor(Executor):
         tensors = flat.tensors
         transformed = is_transformed(tensors)
         differentiable = transformed or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-        run = MixRun(world, self.exchanges, plan, tensors, defer=transformed, call=call, step=step, span=span, sync=sync)
-        if self_weight is None and src_weights is None and dst_weights is None and not differentiable:
+        run = MixRun(
+            world, self.exchanges, plan, tensors, defer=transformed, call=call, step=step, span=span, sync=sync, into=out,
+        )
+        if self_weight is None and src_weights is None and dst_weights is None and not differentiable and out is None:
             self._prepare(world, flat, plan, topology, step)
 
         def finish() -> Any:

@@ -69,8 +69,10 @@ class MixRun:
     def __init__(
         self, world: World, exchanges: Exchanges, plan: CommPlan, tensors: Sequence[torch.Tensor], *, defer: bool,
         call: int | None, step: int | None = None, span: Span | None = None, sync: bool = False,
+        into: Sequence[torch.Tensor] | None = None,
     ) -> None:
         self.world = world
+        self.into = into  # leaves the result is written into (the op's ``out``), or None
         self.exchanges = exchanges
         self.plan = plan
         self.span = span
@@ -98,7 +100,7 @@ class MixRun:
                 what=describe(self.plan, self.step), span=self.span, sync=True,
             )
         self.exchange = None
-        return exchange.mix()
+        return exchange.mix(self.into)
 
     def backward(self, grads: Sequence[torch.Tensor | None]) -> tuple[torch.Tensor, ...]:
         """Wᵀ·grads, itself a differentiable mix (double backward works; under ``torch.func``

@@ -10,8 +10,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from torch.utils import _pytree as pytree
 
 from ..executors.base import MISS
+from ..executors.runs import is_transformed
 from ..tracing import AnyTopology, check_step
 from ..tree import Flat, flatten
 from ..world import current
@@ -38,10 +40,12 @@ def neighbor_mean_async(
     self_weight: float | None = None,
     src_weights: SrcWeights | None = None,
     dst_weights: DstWeights | None = None,
+    out: Any = None,
 ) -> Handle[Any]:
     """Start :func:`neighbor_mean`; ``.wait()`` on the handle returns its result.
 
-    Communication proceeds while the caller computes (e.g. the next gradient).
+    Communication proceeds while the caller computes (e.g. the next gradient).  With ``out``,
+    neither ``tree`` nor ``out`` may be read or written until ``wait()`` returns.
 
     Example:
         >>> import torch, bluefog_fn as bf
@@ -51,22 +55,55 @@ def neighbor_mean_async(
     """
     fn = "neighbor_mean"
     if torch.compiler.is_compiling():
-        return ready(call_mix(
+        result = call_mix(
             fn, tree, step, topology, self_weight=self_weight, src_weights=src_weights, dst_weights=dst_weights
-        ))
-    return _start_mix(tree, topology, step, self_weight, src_weights, dst_weights, sync=False)
+        )
+        return ready(result if out is None else _copy_into(out, result))
+    return _start_mix(tree, topology, step, self_weight, src_weights, dst_weights, sync=False, out=out)
 
 
 def _start_mix(
     tree: Any, topology: AnyTopology | None, step: int, self_weight: float | None, src_weights: SrcWeights | None,
-    dst_weights: DstWeights | None, *, sync: bool,
+    dst_weights: DstWeights | None, *, sync: bool, out: Any = None,
 ) -> Handle[Any]:
     fn = "neighbor_mean"
     world = current()
     flat = flatten(tree, fn)
     _check_floating(fn, flat)
     step = check_step(fn, step)
-    return world.executor.neighbor_mean(world, flat, topology, step, self_weight, src_weights, dst_weights, sync=sync)
+    if out is None:
+        return world.executor.neighbor_mean(world, flat, topology, step, self_weight, src_weights, dst_weights, sync=sync)
+    dest = _check_out(fn, flat, out)
+    handle = world.executor.neighbor_mean(
+        world, flat, topology, step, self_weight, src_weights, dst_weights, sync=sync, out=dest.tensors,
+    )
+    return Handle(lambda: (handle.wait(), out)[1], handle.done)
+
+
+def _check_out(fn: str, flat: Flat, out: Any) -> Flat:
+    """``out`` flattened, once it is a tree ``flat``'s result can be written into."""
+    dest = flatten(out, fn, "out")
+    if dest.spec != flat.spec or dest.positions != flat.positions:
+        raise ValueError(f"{fn}: out must have the structure of tree; got {dest.spec!s:.200}, expected {flat.spec!s:.200}")
+    for i, (o, t) in enumerate(zip(dest.tensors, flat.tensors, strict=True)):
+        if (o.shape, o.dtype, o.device) != (t.shape, t.dtype, t.device):
+            raise ValueError(
+                f"{fn}: out leaf {flat.path(i)} is {tuple(o.shape)} {o.dtype} on {o.device}; the result is "
+                f"{tuple(t.shape)} {t.dtype} on {t.device}"
+            )
+        if o.requires_grad:
+            raise ValueError(f"{fn}: out leaf {flat.path(i)} requires grad; out= writes outside autograd (pass .detach())")
+    if (torch.is_grad_enabled() and any(t.requires_grad for t in flat.tensors)) or is_transformed(flat.tensors):
+        raise ValueError(
+            f"{fn}: out= is not differentiable; tree has leaves that require grad (use torch.no_grad() or .detach())"
+        )
+    return dest
+
+
+def _copy_into(out: Any, result: Any) -> Any:
+    for target, value in zip(pytree.tree_leaves(out), pytree.tree_leaves(result), strict=True):
+        target.copy_(value)
+    return out
 
 
 def neighbor_mean(
@@ -77,6 +114,7 @@ def neighbor_mean(
     self_weight: float | None = None,
     src_weights: SrcWeights | None = None,
     dst_weights: DstWeights | None = None,
+    out: Any = None,
 ) -> Any:
     """Weighted average of ``tree`` with the in-neighbours' trees: one row of ``W @ X``.
 
@@ -92,10 +130,19 @@ def neighbor_mean(
     ``None``.  All leaves travel fused; inputs are never modified; the output leaves are views
     into one fresh buffer per dtype.  Differentiable: the gradient is ``Wᵀ @ G``.
 
+    ``out`` (as torch's ``out=``): a tree of ``tree``'s structure, shapes, dtypes and device
+    that receives the result instead, and is returned.  When its leaves are views into one
+    buffer per dtype at the places of the call's fused layout — as those of a result, or of
+    :func:`bluefog_fn.shared_tree` — and share no memory with ``tree``, the combine writes
+    straight into them (no output buffer, no copy); otherwise the result is copied into
+    them once the exchange is complete, so ``out=tree`` updates ``tree`` in place.  Not
+    differentiable.
+
     Args:
         tree: a pytree of floating tensors (``None`` leaves pass through).
         topology: a static or dynamic ``bf.topology`` graph of ``bf.size()`` ranks.
         step: which graph of a dynamic topology to use (``topology.at(step)``).
+        out: where to write the result (see above), or None for fresh output leaves.
 
     Example:
         >>> import torch, bluefog_fn as bf
@@ -104,16 +151,17 @@ def neighbor_mean(
         4.0
     """
     if torch.compiler.is_compiling():
-        return call_mix(
+        result = call_mix(
             "neighbor_mean", tree, step, topology, self_weight=self_weight, src_weights=src_weights, dst_weights=dst_weights
         )
-    if self_weight is None and src_weights is None and dst_weights is None:
+        return result if out is None else _copy_into(out, result)
+    if self_weight is None and src_weights is None and dst_weights is None and out is None:
         world = current()
         # A call seen before, with nothing to differentiate: the prepared executor (lean path).
         result = world.executor.neighbor_mean_lean(world, tree, topology, step)
         if result is not MISS:
             return result
-    return _start_mix(tree, topology, step, self_weight, src_weights, dst_weights, sync=True).wait()
+    return _start_mix(tree, topology, step, self_weight, src_weights, dst_weights, sync=True, out=out).wait()
 
 
 def neighbor_gather_async(

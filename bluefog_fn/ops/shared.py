@@ -17,9 +17,13 @@ def shared_tree(tree: Any) -> Any:
     calls (e.g. an optimizer step); do not modify them while an async call of them is in flight.
     Collective: every rank calls it at the same point with a tree of the same structure and
     sizes.  The memory is kept until ``bf.shutdown()`` (bounded by ``BLUEFOG_FN_SHM_MAX_MB``).
-    Where the same-host transport is off, no peer shares the machine or the tree is below the
-    transport's size threshold (its calls take MPI) it returns an ordinary copy, so code using
-    it runs everywhere.
+    Where the same-host transport is off, no peer shares the machine or the tree is smaller
+    than ``min_tree_bytes`` (1 MiB by default, see ``SharedMemoryPolicy``) it returns a copy in
+    private memory, so code using it runs everywhere.  Either way the leaves are views into one
+    buffer per dtype in the layout ``neighbor_mean`` uses, so a call with ``out=`` a shared tree
+    combines straight into it: two shared trees, each the other's ``out``, make an iteration
+    that writes nothing but its result.  Calls of a tree whose size some shared tree has take
+    the same-host transport whatever its size threshold.
 
     Example:
         >>> import torch, bluefog_fn as bf

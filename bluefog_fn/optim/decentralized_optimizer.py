@@ -17,7 +17,13 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..ops import barrier, global_mean_async, hierarchical_neighbor_mean_async, neighbor_mean_async
+from ..ops import (
+    barrier,
+    global_mean_async,
+    hierarchical_neighbor_mean_async,
+    neighbor_mean_async,
+    shared_tree,
+)
 from ..ops.handle import Handle
 from ..ops.window import Window
 from ..world import current
@@ -171,6 +177,13 @@ class DecentralizedOptimizer:
         self._hooks: BucketHooks | None = None
         if overlap and style in _HOOKED:
             self._hooks = BucketHooks(params, self._buckets, self._start_hooked, self._communicates_now)
+        # atc: each bucket's parameters live in one of two buffers (bf.shared_tree: peers on
+        # this machine read them in place); a communicating step combines the one they are in
+        # into the other and points the parameters at it, so nothing is written but the result.
+        self._homes: list[list[list[torch.Tensor]] | None] | None = None
+        if style == "atc" and all(p.device.type == "cpu" for p in params):
+            self._homes = [self._make_home(idx) for idx in self._buckets]
+            world.on_close(self._leave_homes)
         self._window: Window | None = None
         self._numerator: list[torch.Tensor] = []
         self._weight = torch.ones((), dtype=torch.float64)
@@ -219,8 +232,49 @@ class DecentralizedOptimizer:
         g = self._mixing.global_every
         return g is not None and (k + 1) % g == 0
 
-    def _exchange(self, tensors: list[torch.Tensor], k: int) -> Handle[Any]:
-        """Start this style's averaging of ``tensors`` for iteration ``k`` (a communicating one)."""
+    def _make_home(self, idx: list[int]) -> list[list[torch.Tensor]] | None:
+        """The two buffers of one bucket's parameters, which are moved into the first
+        (collective: every rank builds the same buckets); None where shared memory is full."""
+        with torch.no_grad():
+            values = [self._params[i].detach() for i in idx]
+            try:
+                home = [shared_tree(values), shared_tree(values)]
+            except MemoryError:  # the same answer on every rank of the machine
+                return None
+            for i, leaf in zip(idx, home[0], strict=True):
+                self._params[i].data = leaf
+        return home
+
+    def _check_homes(self) -> list[list[list[torch.Tensor]] | None]:
+        """The buckets' buffers, after moving back in any parameter whose ``.data`` was replaced."""
+        homes = self._homes
+        assert homes is not None
+        with torch.no_grad():
+            for idx, home in zip(self._buckets, homes, strict=True):
+                if home is None:
+                    continue
+                for i, leaf in zip(idx, home[0], strict=True):
+                    p = self._params[i]
+                    if p.data_ptr() != leaf.data_ptr():
+                        if p.shape != leaf.shape or p.dtype != leaf.dtype:
+                            raise fail("DecentralizedOptimizer.step", f"parameter {i} became {tuple(p.shape)} "
+                                       f"{p.dtype}; it was {tuple(leaf.shape)} {leaf.dtype} when the optimizer was made")
+                        leaf.copy_(p)
+                        p.data = leaf
+        return homes
+
+    def _leave_homes(self) -> None:
+        """Move the parameters into private memory (the shared buffers go with the world)."""
+        if self._homes is None:
+            return
+        with torch.no_grad():
+            for p in self._params:
+                p.data = p.data.clone()
+        self._homes = None
+
+    def _exchange(self, tensors: list[torch.Tensor], k: int, out: list[torch.Tensor] | None = None) -> Handle[Any]:
+        """Start this style's averaging of ``tensors`` for iteration ``k`` (a communicating one);
+        ``out``: where a neighbour average is written (see ``neighbor_mean``)."""
         style = self.style
         rnd = k // self._mixing.communicate_every
         topo = self._mixing.topology
@@ -233,7 +287,7 @@ class DecentralizedOptimizer:
             )
         return neighbor_mean_async(
             tensors, topo, rnd, self_weight=self.self_weight, src_weights=self.src_weights,
-            dst_weights=self.dst_weights,
+            dst_weights=self.dst_weights, out=out,
         )
 
     def _grads(self, b: int) -> list[torch.Tensor]:
@@ -297,14 +351,24 @@ class DecentralizedOptimizer:
                         self._params[i].sub_(x0).add_(m)
         else:  # atc, allreduce, hierarchical: combine the adapted parameters
             loss = self.optimizer.step(closure)
-            handles = [
-                (b, self._exchange([self._params[i].detach() for i in idx], k))
-                for b, idx in enumerate(self._buckets)
-            ]
+            homes = self._check_homes() if self._homes is not None and not self._is_global(k) else None
+            started: list[tuple[int, Handle[Any], list[list[torch.Tensor]] | None]] = []
+            for b, idx in enumerate(self._buckets):
+                home = None if homes is None else homes[b]
+                if home is None:
+                    started.append((b, self._exchange([self._params[i].detach() for i in idx], k), home))
+                else:  # the result is written into the other buffer
+                    started.append((b, self._exchange(home[0], k, out=home[1]), home))
             with torch.no_grad():
-                for b, h in handles:
-                    for i, m in zip(self._buckets[b], h.wait(), strict=True):
-                        self._params[i].copy_(m)
+                for b, h, home in started:
+                    if home is None:
+                        for i, m in zip(self._buckets[b], h.wait(), strict=True):
+                            self._params[i].copy_(m)
+                        continue
+                    h.wait()
+                    for i, leaf in zip(self._buckets[b], home[1], strict=True):
+                        self._params[i].data = leaf
+                    home.reverse()
         self._steps = k + 1
         return loss
 
@@ -386,6 +450,7 @@ class DecentralizedOptimizer:
         if self._hooks is not None:
             self._hooks.remove()
             self._hooks = None
+        self._leave_homes()
         if self._window is not None:
             self._window.free()
             self._window = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from torch.utils import _pytree as pytree
@@ -9,12 +10,14 @@ from torch.utils import _pytree as pytree
 from ..executors.base import Executor, WindowEngine
 from ..ops.handle import Handle
 from ..tracing import AnyTopology
-from ..tree import Flat
+from ..tree import Flat, flatten
 from ..world import World
 from . import ops
 from .stacked import in_vmap
 
 if TYPE_CHECKING:
+    import torch
+
     from ..ops.window import Window
     from ..topology import Topology
 
@@ -42,8 +45,18 @@ class SimExecutor(Executor):
     def neighbor_mean(
         self, world: World, flat: Flat, topology: AnyTopology | None, step: int,
         self_weight: Any, src_weights: Any, dst_weights: Any, *, adjoint: bool = False, sync: bool = False,
+        out: Sequence[torch.Tensor] | None = None,
     ) -> Handle[Any]:
-        return ops.neighbor_mean_sim(world, flat, topology, step, self_weight, src_weights, dst_weights, adjoint=adjoint)
+        handle = ops.neighbor_mean_sim(world, flat, topology, step, self_weight, src_weights, dst_weights, adjoint=adjoint)
+        if out is None:
+            return handle
+
+        def written() -> Any:
+            for target, value in zip(out, flatten(handle.wait(), "neighbor_mean").tensors, strict=True):
+                target.copy_(value)
+            return flat.unflatten(list(out))
+
+        return Handle(written, handle.done)
 
     def neighbor_gather(
         self, world: World, tree: Any, topology: AnyTopology | None, step: int, src_weights: Any, dst_weights: Any,

@@ -104,6 +104,21 @@ def tree_bad(*, floating: bool) -> st.SearchStrategy[Bad]:
     return st.one_of(*options)
 
 
+def out_bad() -> st.SearchStrategy[Bad]:
+    """``out`` trees the result of a mixing op of ``_tree()`` cannot be written into."""
+    def like(w: torch.Tensor) -> dict[str, Any]:
+        return {"w": w, "b": [torch.zeros(2, dtype=torch.float64)], "n": None}
+
+    return st.sampled_from([
+        Bad({"w": torch.zeros(2, 3)}, "structure"),
+        Bad(like(torch.zeros(3, 2)), "(3, 2)"),
+        Bad(like(torch.zeros(2, 3, dtype=torch.float64)), "torch.float64"),
+        Bad(like(torch.zeros(2, 3, device="meta")), "meta"),
+        Bad(like(torch.zeros(2, 3, requires_grad=True)), "requires grad"),
+        Bad(7, "int"),
+    ])
+
+
 def window_tree_bad() -> st.SearchStrategy[Bad]:
     """Trees a window refuses: as ``tree_bad``, with bool/complex leaves (integers are fine)."""
     return st.one_of(
@@ -212,7 +227,7 @@ def entries(n: int, me: int) -> list[Entry]:
     """Every public callable of the table for a world of ``n`` ranks seen from rank ``me``."""
     ring = T.ring(n)
     tree = _tree
-    mix_bad = {"tree": tree_bad(floating=True), "topology": topology_bad(n), "step": STEP}
+    mix_bad = {"tree": tree_bad(floating=True), "topology": topology_bad(n), "step": STEP, "out": out_bad()}
     weights_bad = {"self_weight": weight_bad(), "src_weights": src_bad(n, me), "dst_weights": dst_bad(n, me)}
     out = [
         Entry("neighbor_mean", "neighbor_mean", lambda a: bf.neighbor_mean(**a),

@@ -252,3 +252,46 @@ def test_torch_func_grad_through_neighbor_mean_and_global_mean() -> None:
     g = torch.func.grad(loss)(x)
     expected = sum(W[i, ME] * cs[i] for i in range(N)) + sum(cs) / N
     assert_close_everywhere(g, expected, "torch.func.grad = Wᵀc + mean(c)", atol=1e-12, rtol=1e-12)
+
+
+OUT_KINDS = ["shared_tree", "plain", "in_place", "result"]
+
+
+@settings(max_examples=20, deadline=None, derandomize=True)
+@given(data=st.data())
+def test_neighbor_mean_out_gives_the_same_bits_whatever_out_is(data: st.DataObject) -> None:
+    # derandomize: every rank draws the same examples, so the ranks' calls match.
+    topo = data.draw(st.sampled_from([T.exponential_two(N), T.one_peer_exponential_two(N), T.ring(N)]), label="topology")
+    shapes = data.draw(st.lists(st.lists(st.integers(0, 300), max_size=2).map(tuple), min_size=1, max_size=4), label="shapes")
+    dtype = data.draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16]), label="dtype")
+    kinds = (data.draw(st.sampled_from(OUT_KINDS), label="first out"), data.draw(st.sampled_from(OUT_KINDS), label="second out"))
+    step = data.draw(st.integers(0, 5), label="step")
+    gen = torch.Generator().manual_seed(97 * ME + step)
+    xs = [[torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in shapes] for _ in range(2)]
+    want = [bf.neighbor_mean(x, topo, step + k) for k, x in enumerate(xs)]
+    outs, sources = [], []
+    for kind, x in zip(kinds, xs, strict=True):
+        source = [t.clone() for t in x]
+        if kind == "shared_tree":
+            out = bf.shared_tree([torch.zeros_like(t) for t in x])
+        elif kind == "plain":
+            out = [torch.full_like(t, 7.0) for t in x]
+        elif kind == "in_place":
+            out = source  # out= the tree itself: updated in place
+        else:
+            out = bf.neighbor_mean(source, topo, step)  # a result's fused leaves
+        outs.append(out)
+        sources.append(source)
+    # Both in flight, waited newest first.
+    handles = [bf.neighbor_mean_async(s, topo, step + k, out=o) for k, (s, o) in enumerate(zip(sources, outs, strict=True))]
+    got = [h.wait() for h in reversed(handles)][::-1]
+    ok = all(g is o for g, o in zip(got, outs, strict=True))
+    ok = ok and all(
+        a.dtype == b.dtype and torch.equal(a, b) for g, w in zip(got, want, strict=True) for a, b in zip(g, w, strict=True)
+    )
+    untouched = all(
+        torch.equal(leaf, leaf0)
+        for kind, source, x in zip(kinds, sources, xs, strict=True) if kind != "in_place"
+        for leaf, leaf0 in zip(source, x, strict=True)
+    )
+    all_ranks_agree(ok and untouched, f"out= {kinds} ({dtype}, {shapes}): same bits {ok}, inputs untouched {untouched}")

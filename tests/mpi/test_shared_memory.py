@@ -212,3 +212,31 @@ def test_a_shared_tree_is_read_in_place_and_stays_exact_when_modified_between_ca
     all_ranks_agree(not bad, f"shared tree vs dense reference (bad steps {bad[:5]})")
     if CHANNEL is not None and EXCHANGES is not None and EXCHANGES.policy.enabled and len(CHANNEL.members) == N:
         assert CHANNEL.in_place - placed_before == steps  # every call read the tree in place
+
+
+def test_two_shared_trees_each_the_others_out_stay_exact_and_write_only_the_result() -> None:
+    # The optimizer's atc loop: the parameters live in one tree, the call combines into the
+    # other, and the next step starts from the result (modified in place first).
+    topo = T.one_peer_exponential_two(N)
+    trees = [bf.shared_tree(inputs(ME, 0)), bf.shared_tree(inputs(ME, 0))]
+    placed_before = 0 if CHANNEL is None else CHANNEL.in_place
+    bad, moved, touched = [], [], []
+    steps = 200
+    for step in range(steps):
+        x, y = trees[step % 2], trees[(step + 1) % 2]
+        for name in SHAPES:
+            x[name].copy_(inputs(ME, step)[name])
+        before = {k: v.clone() for k, v in x.items()}
+        pointers = {k: v.data_ptr() for k, v in y.items()}
+        handle = bf.neighbor_mean_async(x, topo, step, out=y) if step % 2 else None
+        out = handle.wait() if handle is not None else bf.neighbor_mean(x, topo, step, out=y)
+        if out is not y or any(y[k].data_ptr() != p for k, p in pointers.items()):
+            moved.append(step)
+        if any(not torch.equal(x[k], before[k]) for k in SHAPES):
+            touched.append(step)
+        if not check(out, expected(topo, step)):
+            bad.append(step)
+    all_ranks_agree(not (bad or moved or touched), f"out= a shared tree: bad steps {bad[:5]}, out replaced at "
+                    f"{moved[:5]}, input modified at {touched[:5]}")
+    if CHANNEL is not None and EXCHANGES is not None and EXCHANGES.policy.enabled and len(CHANNEL.members) == N:
+        assert CHANNEL.in_place - placed_before == steps  # every call read its tree in place
