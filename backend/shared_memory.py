@@ -100,13 +100,18 @@ def aligned(nbytes: int) -> int:
     return -(-nbytes // ALIGN) * ALIGN
 
 
+def _release_tree(seg: _Segment) -> None:
+    seg.in_use = False  # no tensor of this rank views the region: a later tree may reuse it
+
+
 class _Segment:
-    __slots__ = ("capacity", "pooled", "regions")
+    __slots__ = ("capacity", "in_use", "pooled", "regions")
 
     def __init__(self, capacity: int, regions: list[np.ndarray], pooled: bool = True) -> None:
         self.capacity = capacity
         self.regions = regions
         self.pooled = pooled  # False: a tree kept in shared memory (see :meth:`SharedChannel.allocate_tree`)
+        self.in_use = True  # a tree's region: some tensor of this rank still views it
 
 
 class SharedChannel:
@@ -167,8 +172,8 @@ class SharedChannel:
 
     @property
     def allocated_bytes(self) -> int:
-        """Bytes of data buffers this rank holds (two per segment)."""
-        return sum(2 * s.capacity for s in self.segments)
+        """Bytes of shared memory this rank holds: two buffers per pooled segment, one region per tree."""
+        return sum(2 * s.capacity if s.pooled else s.capacity for s in self.segments)
 
     def lookup(self, nbytes: int) -> int | None:
         """The segment a buffer of ``nbytes`` uses (the smallest that fits), or None."""
@@ -192,7 +197,7 @@ class SharedChannel:
         if found is not None or nbytes in self.declined:
             return found
         capacity = -(-nbytes // 4096) * 4096
-        if not self._agree_to_allocate(nbytes, 2 * capacity, "buffers", what):
+        if not self._agree_to_allocate(nbytes, 2 * capacity, "buffers", what)[1]:
             self.declined.add(nbytes)
             return None
         regions = self.memory.allocate(2 * capacity, f"{what}: same-host shared memory for {nbytes} bytes")
@@ -201,29 +206,49 @@ class SharedChannel:
 
     def allocate_tree(self, nbytes: int, what: str) -> tuple[int, np.ndarray]:
         """Collective: a region of ``nbytes`` on every member for a tree kept in shared memory
-        (published in place, never copied); returns the segment and this member's region."""
-        if not self._agree_to_allocate(nbytes, nbytes, "trees", what):
+        (published in place, never copied); returns the segment and this member's region.
+
+        A region comes back for reuse when the last tensor viewing the returned array is
+        collected (view it through one tensor made from the array: numpy slices of it do not
+        keep it alive).  Since allocating is collective, members reuse only when every one of
+        them has a region of this size free, else they all allocate (a writer announces its own
+        segment, so the members' choices need not be the same segment).
+        """
+        free = next((k for k, seg in enumerate(self.segments) if not seg.pooled and not seg.in_use
+                     and seg.capacity == nbytes), None)
+        everyone_free, fits = self._agree_to_allocate(nbytes, nbytes, "trees", what, free is not None)
+        if everyone_free:
+            assert free is not None
+            k = free
+        elif not fits:
             raise MemoryError(
                 f"{what}: {nbytes} bytes of shared memory per rank would exceed BLUEFOG_FN_SHM_MAX_MB "
                 f"({self.max_bytes >> 20} MiB) or what /dev/shm has free on some rank of this machine"
             )
-        regions = self.memory.allocate(max(nbytes, 1), what)
-        self.segments.append(_Segment(nbytes, regions, pooled=False))
+        else:
+            regions = self.memory.allocate(max(nbytes, 1), what)
+            self.segments.append(_Segment(nbytes, regions, pooled=False))
+            k = len(self.segments) - 1
+        seg = self.segments[k]
+        seg.in_use = True
         self.tree_sizes.add(nbytes)
-        return len(self.segments) - 1, regions[self.me]
+        region = seg.regions[self.me].view()
+        weakref.finalize(region, _release_tree, seg)
+        return k, region
 
-    def _agree_to_allocate(self, nbytes: int, per_rank: int, kind: str, what: str) -> bool:
-        """Collective: whether every member can allocate ``per_rank`` more bytes (``max_bytes``,
-        ``/dev/shm``); raises ``MismatchError`` if members ask for different ``nbytes``."""
+    def _agree_to_allocate(self, nbytes: int, per_rank: int, kind: str, what: str, reusable: bool = False) -> tuple[bool, bool]:
+        """Collective: whether every member has a region to reuse (``reusable``) and whether every
+        member can allocate ``per_rank`` more bytes (``max_bytes``, ``/dev/shm``); raises
+        ``MismatchError`` if members ask for different ``nbytes``."""
         fits = self.allocated_bytes + per_rank <= self.max_bytes and _shm_free() >= per_rank * len(self.members)
-        answers = self.memory.agree((nbytes, fits), f"{what}: same-host shared memory for {nbytes} bytes")
+        answers = self.memory.agree((nbytes, fits, reusable), f"{what}: same-host shared memory for {nbytes} bytes")
         sizes = sorted({a[0] for a in answers})
         if len(sizes) > 1:
             raise MismatchError(
                 f"{what}: the ranks of this machine ({list(self.members)}) asked for shared {kind} of "
                 f"different sizes {sizes} at the same call; their calls diverged"
             )
-        return all(a[1] for a in answers)
+        return all(a[2] for a in answers), all(a[1] for a in answers)
 
     def owner_of(self, address: int, nbytes: int) -> tuple[int, int] | None:
         """``(segment, offset)`` of this rank's tree region holding ``[address, address + nbytes)``."""

@@ -152,3 +152,25 @@ def test_inside_simulate_is_refused() -> None:
     model = _model()
     with bf.simulate(2), pytest.raises(TypeError, match=r"DecentralizedOptimizer: nn\.Module"):
         bf.optim.DecentralizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, T.ring(2))
+
+
+def test_atc_parameters_stay_usable_after_shutdown_and_their_values_are_kept() -> None:
+    # atc keeps the parameters in buffers the world owns (shared memory under MPI); closing the
+    # world moves them into private memory first, so the module outlives bf.shutdown().
+    model = _model()
+    opt = bf.optim.DecentralizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, T.ring(1))
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.ones(2, 3, dtype=torch.float64)).sum().backward()
+        opt.step()
+    values = [p.detach().clone() for p in model.parameters()]
+    pointers = [p.data_ptr() for p in model.parameters()]
+    bf.shutdown()
+    assert all(p.data_ptr() != q for p, q in zip(model.parameters(), pointers, strict=True))
+    assert all(torch.equal(p, v) for p, v in zip(model.parameters(), values, strict=True))
+    # The next op starts a new world; a new optimizer over the same module works there.
+    opt = bf.optim.DecentralizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, T.ring(1))
+    opt.zero_grad()
+    model(torch.ones(2, 3, dtype=torch.float64)).sum().backward()
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -118,9 +118,12 @@ class ProcessExecutor(Executor):
             region = np.empty(max(nbytes, 1), dtype=np.uint8)
         else:
             _, region = channel.allocate_tree(nbytes, "shared_tree")
+        # One tensor over the whole region, sliced: every leaf then keeps ``region`` alive (a
+        # shared region goes back for reuse when the last leaf is collected).
+        memory = torch.from_numpy(region)
         leaves: list[torch.Tensor | None] = [None] * len(flat.tensors)
         for g, offset in zip(layout.groups, offsets, strict=True):
-            fused = torch.from_numpy(region[offset : offset + g.numel * g.dtype.itemsize]).view(g.dtype)
+            fused = memory[offset : offset + g.numel * g.dtype.itemsize].view(g.dtype)
             for slot in g.slots:
                 leaf = fused[slot.offset : slot.offset + slot.numel].view(slot.shape)
                 leaf.copy_(flat.tensors[slot.leaf].detach())

@@ -281,3 +281,31 @@ def test_state_dict_round_trip_mid_run_gives_the_same_trajectory(style: str) -> 
     all_ranks_agree(same and resumed.steps == 6, f"{style}: resumed trajectory differs")
     opt_full.free()
     resumed.free()
+
+
+def test_atc_parameters_whose_storage_is_replaced_mid_run_follow_the_same_trajectory() -> None:
+    # atc keeps the parameters in its own buffers and re-points them every step; a user who
+    # replaces a parameter's storage in between (p.data = ...) or loads a state dict into the
+    # module must get the same iterates, and free() must hand back parameters in private memory.
+    full, opt_full = _train("atc", "plain", 6)
+    model = _net("plain")
+    opt = bf.optim.DecentralizedOptimizer(torch.optim.SGD(model.parameters(), lr=LR), model, _topology("atc"), style="atc")
+    a, b = _data(ME)
+    for k in range(6):
+        if k == 2:
+            first = next(model.parameters())
+            first.data = first.data.clone()
+        if k == 4:
+            model.load_state_dict({n: t.clone() for n, t in model.state_dict().items()})
+        opt.zero_grad()
+        ((model(a) - b) ** 2).sum().backward()
+        opt.step()
+    same = all(torch.equal(p, q) for p, q in zip(full.parameters(), model.parameters(), strict=True))
+    # After free() nothing views the optimizer's buffers: a later step of the old optimizer would
+    # have to use fresh memory, and the values are those of the trajectory.
+    pointers = [p.data_ptr() for p in model.parameters()]
+    opt.free()
+    moved = all(p.data_ptr() != q for p, q in zip(model.parameters(), pointers, strict=True))
+    kept = all(torch.equal(p, q) for p, q in zip(full.parameters(), model.parameters(), strict=True))
+    all_ranks_agree(same and moved and kept, f"atc with replaced storage: same {same}, moved out {moved}, kept {kept}")
+    opt_full.free()
