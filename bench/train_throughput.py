@@ -192,8 +192,9 @@ def measure(row: Row, args: argparse.Namespace, bar: tqdm) -> list[float]:
         bar.update()
     close()
     everyone = bf.allgather(torch.tensor([mine], dtype=torch.float64))  # (ranks, iters)
-    if os.environ.get("BENCH_DEBUG") and bf.rank() == 0:
-        print(row.label, [round(float(v) * 1e3) for v in everyone.max(0).values])
+    if args.per_step and bf.rank() == 0:
+        tqdm.write(f"{row.label} (overlap {'on' if row.overlap else 'off'}): step ms "
+                   f"{[round(float(v) * 1e3) for v in everyone.max(0).values]}")
     return [float(v) for v in everyone.max(0).values]
 
 
@@ -209,6 +210,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads per rank (0: cores // ranks, >= 1)")
     parser.add_argument("--port", type=int, default=0, help="gloo rendezvous port (0: a free one, chosen by rank 0)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--per-step", action="store_true", help="print every timed step's time (ms) of every row")
     args = parser.parse_args()
     names = [r.strip() for r in args.rows.split(",") if r.strip()]
     for name in names:

@@ -83,7 +83,7 @@ class DecentralizedOptimizer:
     ``allreduce`` and ``hierarchical`` the exchange needs ``L(x)``, which a generic
     ``torch.optim`` computes for all parameters at once in ``step()``: there every bucket is
     started right after the local step and they are waited for in order, so the later buckets'
-    messages travel while the earlier ones are written back.  ``push_sum`` and ``win_put``
+    messages travel while the earlier ones are combined.  ``push_sum`` and ``win_put``
     move one window and ignore ``overlap``.  The results do not depend on ``overlap``: the
     same buckets carry the same values either way.  Exchanges always start in bucket order (a
     bucket completed by backward before an earlier one waits for it), so every rank issues the
@@ -93,6 +93,16 @@ class DecentralizedOptimizer:
     gradients.  If a rank skips ``backward()``, its buckets start in ``step()``, in bucket
     order, with its gradients as they are (``None`` counts as zeros); a rank that never calls
     ``step()`` makes the others fail after ``BLUEFOG_FN_TIMEOUT``.
+
+    **Where atc keeps the parameters.** For ``"atc"`` on CPU the optimizer owns the memory of
+    the trainable parameters: two :func:`bluefog_fn.shared_tree` buffers per bucket (peers on
+    this machine read them in place; private memory elsewhere).  A communicating step combines
+    the buffer the parameters are in into the other one (``neighbor_mean(..., out=)``) and points
+    the parameters at it (``p.data``; the ``Parameter`` objects stay), so a step writes nothing
+    but its result.  Hold the parameters, not their ``.data`` or a ``state_dict()`` taken
+    earlier, across steps; a parameter whose ``.data`` you replace is copied back into the
+    optimizer's buffer at the next step, and ``free()`` (or ``bf.shutdown()``) moves the
+    parameters back into private memory.
 
     Args:
         optimizer: a ``torch.optim.Optimizer`` over (a subset of) the module's parameters.
