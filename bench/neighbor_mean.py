@@ -11,6 +11,8 @@ tensor):
   at least 32 MiB);
 * ``bf one-peer, shared tree`` — the same call on the tree made by ``bf.shared_tree`` (its leaves
   live in this machine's shared memory: peers read them in place, nothing is written first);
+* ``bf one-peer, shared tree, out= other`` — two shared trees, each call combining one into the
+  other (``out=``), which the next call starts from: the atc optimizer's loop, no output buffer;
 * ``bf one-peer, MPI only`` — the same call with the same-host transport switched off (on every
   rank together, for this row only): what two-sided MPI gives;
 * ``floor``        — raw mpi4py ``Sendrecv`` of one pre-fused buffer with the same peer, then
@@ -123,6 +125,14 @@ def measure(
         bf.neighbor_mean(shared, topo, state["step"])
         state["step"] += 1
 
+    pair = [shared, bf.shared_tree(leaves)]
+
+    def bf_shared_pair() -> None:
+        # The atc optimizer's loop: combine the current tree into the other one, which is next.
+        bf.neighbor_mean(pair[0], topo, state["step"], out=pair[1])
+        pair.reverse()
+        state["step"] += 1
+
     def bf_mpi_only() -> None:
         if exchanges is None:
             return bf_one_peer()
@@ -167,6 +177,7 @@ def measure(
     for label, fn in [
         ("bf one-peer neighbor_mean", bf_one_peer),
         ("bf one-peer, shared tree", bf_shared_tree),
+        ("bf one-peer, shared tree, out= other", bf_shared_pair),
         ("bf one-peer, MPI only", bf_mpi_only),
         ("floor: Sendrecv fused + average", floor),
         ("mpi4py Allreduce mean", mpi_allreduce),
@@ -331,15 +342,20 @@ def main() -> None:
         exchanges = getattr(current().executor, "exchanges", None)
         channel = getattr(exchanges, "channel", None)
         if channel is not None and exchanges is not None:
-            min_bytes = exchanges.policy.min_bytes
-            print(f"\nsame-host transport (bf one-peer through shared memory; trees of at least {min_bytes >> 20} MiB):")
+            policy = exchanges.policy
+            print(f"\nsame-host transport (bf one-peer through shared memory; trees of at least "
+                  f"{policy.min_bytes >> 20} MiB, shared trees of at least {policy.min_tree_bytes >> 20} MiB):")
             for name, leaves in payloads.items():
-                if sum(x.numel() * x.element_size() for x in leaves) < min_bytes:
-                    print(f"  {name}: below the threshold, MPI (as the rows above show)")
+                size = sum(x.numel() * x.element_size() for x in leaves)
+                if size < policy.min_tree_bytes:
+                    print(f"  {name}: below both thresholds, MPI (as the rows above show)")
                     continue
+                if size < policy.min_bytes:
+                    print(f"  {name}: below the plain-tree threshold; its plain row takes shared memory too, because "
+                          "a shared tree of its size exists")
                 t = {label: s for p, label, s, _ in rows if p == name}
                 floor_t, three = t["floor: Sendrecv fused + average"], t["local 3-stream pass (no comm)"]
-                for row in ("bf one-peer neighbor_mean", "bf one-peer, shared tree"):
+                for row in ("bf one-peer neighbor_mean", "bf one-peer, shared tree", "bf one-peer, shared tree, out= other"):
                     print(f"  {name}, {row}: {floor_t / t[row]:.2f}x faster than the floor, {t[row] / three:.2f}x the "
                           f"local 3-stream pass, {t['bf one-peer, MPI only'] / t[row]:.2f}x faster than bf over MPI")
         alone = world_of_one_cost()

@@ -216,3 +216,26 @@ def test_a_writer_reuses_a_buffer_only_after_its_readers_acked() -> None:
 
     assert all(run_members(2, body))
     assert order.index("released 0") < order.index("published 2"), order
+
+
+def test_shared_trees_and_atc_parameters_outlive_shutdown() -> None:
+    # The shared memory is unmapped when the world closes; a shared tree kept past bf.shutdown()
+    # and an atc module (whose parameters lived in the optimizer's shared buffers) must still
+    # hold their values then, not fault.
+    from tests.test_failures import run_job
+
+    body = (
+        "t = bf.shared_tree({'w': torch.full((300_000,), float(bf.rank()))})\n"
+        "r = bf.neighbor_mean(t, bf.topology.ring(2))\n"
+        "model = torch.nn.Linear(512, 512)\n"
+        "torch.nn.init.constant_(model.weight, 0.25 * (bf.rank() + 1))\n"
+        "opt = bf.optim.DecentralizedOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model,\n"
+        "                                      bf.topology.ring(2), style='atc')\n"
+        "model(torch.ones(1, 512)).sum().backward()\n"
+        "opt.step()\n"
+        "bf.shutdown()\n"
+        "print(bf.rank(), float(t['w'].sum()), float(r['w'][0]), float(model.weight.mean()), flush=True)\n"
+    )
+    out, _ = run_job(2, body, timeout_s=30, shm="1")
+    assert out.returncode == 0, out.stderr
+    assert sorted(out.stdout.split("\n")[:-1]) == ["0 0.0 0.5 0.375", "1 300000.0 0.5 0.375"], out.stdout

@@ -8,6 +8,7 @@ transport's collectives for the global ops, one-sided memory for windows.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +47,8 @@ class ProcessExecutor(Executor):
         # How a plan's data moves: MPI, and same-host shared memory where it applies.
         self.exchanges = exchanges or Exchanges(transport)
         self.prepared = PreparedCache()  # the lean path's executors (see prepared.py)
+        # Leaves of bf.shared_tree trees in shared memory, moved to private memory at close.
+        self.shared_leaves: weakref.WeakSet[torch.Tensor] = weakref.WeakSet()
 
     def __repr__(self) -> str:
         return f"ProcessExecutor({self.kind!r}, rank {self.transport.rank} of {self.transport.size})"
@@ -112,12 +115,14 @@ class ProcessExecutor(Executor):
         channel = self.exchanges.channel
         layout = build_layout(flat.metas)
         *offsets, nbytes = group_offsets(layout)
+        shared = False
         if channel is None or not self.exchanges.keeps_tree(nbytes):
             # Private memory, in the same fused layout (so out= can still write into it); the
             # same decision on every rank: sizes agree.
             region = np.empty(max(nbytes, 1), dtype=np.uint8)
         else:
             _, region = channel.allocate_tree(nbytes, "shared_tree")
+            shared = True
         # One tensor over the whole region, sliced: every leaf then keeps ``region`` alive (a
         # shared region goes back for reuse when the last leaf is collected).
         memory = torch.from_numpy(region)
@@ -128,6 +133,8 @@ class ProcessExecutor(Executor):
                 leaf = fused[slot.offset : slot.offset + slot.numel].view(slot.shape)
                 leaf.copy_(flat.tensors[slot.leaf].detach())
                 leaves[slot.leaf] = leaf
+                if shared:
+                    self.shared_leaves.add(leaf)
         return flat.unflatten(leaves)  # type: ignore[arg-type]  # every slot was filled
 
     def neighbor_mean(
@@ -309,6 +316,12 @@ class ProcessExecutor(Executor):
         return RmaWindow(window, self.transport, flat)
 
     def close(self) -> None:
+        # The shared memory is unmapped with the transport: the shared trees' leaves (not views
+        # made of them) get private copies first, so a tree kept past bf.shutdown() stays valid.
+        with torch.no_grad():
+            for leaf in list(self.shared_leaves):
+                leaf.set_(leaf.clone())
+        self.shared_leaves = weakref.WeakSet()
         self.transport.close()  # frees the shared memory too, once every rank has left
 
 

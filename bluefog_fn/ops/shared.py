@@ -16,7 +16,9 @@ def shared_tree(tree: Any) -> Any:
     local pass over ``x``, the peers' ``x`` and the output.  Modify the leaves in place between
     calls (e.g. an optimizer step); do not modify them while an async call of them is in flight.
     Collective: every rank calls it at the same point with a tree of the same structure and
-    sizes.  The memory is kept until ``bf.shutdown()`` (bounded by ``BLUEFOG_FN_SHM_MAX_MB``).
+    sizes.  The memory is reused once no leaf of the tree is referenced any more, and bounded
+    by ``BLUEFOG_FN_SHM_MAX_MB``; at ``bf.shutdown()`` the leaves are moved to private memory
+    (views made of them are not: do not use those after shutdown).
     Where the same-host transport is off, no peer shares the machine or the tree is smaller
     than ``min_tree_bytes`` (1 MiB by default, see ``SharedMemoryPolicy``) it returns a copy in
     private memory, so code using it runs everywhere.  Either way the leaves are views into one
