@@ -320,7 +320,7 @@ class ProcessExecutor(Executor):
         # made of them) get private copies first, so a tree kept past bf.shutdown() stays valid.
         with torch.no_grad():
             for leaf in list(self.shared_leaves):
-                leaf.set_(leaf.clone())
+                leaf.set_(leaf.clone().untyped_storage(), 0, leaf.shape, leaf.stride())
         self.shared_leaves = weakref.WeakSet()
         self.transport.close()  # frees the shared memory too, once every rank has left
 
