@@ -241,7 +241,9 @@ class DecentralizedOptimizer:
         gradient_allreduce exchange also says whether its rank held gradients back, and a rank
         whose peers say otherwise raises :class:`bluefog_fn.MismatchError` when it waits for
         that exchange (in ``step()``, or in the ``backward()`` that sends again): all of them,
-        for gradient_allreduce; those with a disagreeing in-neighbour, for awc.
+        for gradient_allreduce; those with a disagreeing in-neighbour, for awc (the others then
+        fail in their next exchange, within ``BLUEFOG_FN_TIMEOUT``; under ``bfrun`` the first
+        error ends the job).
 
         Example:
             >>> import torch, bluefog_fn as bf
@@ -317,6 +319,8 @@ class DecentralizedOptimizer:
         # held back gradients of this step) in the bucket's dtype: averaged, it comes back as
         # [s, s * held] exactly when every rank that weighs in agrees, s the sum of the weights.
         # Also without hooks (held is then 0), so that overlap on and off move the same buffers.
+        # Exact in float32/64 (a sum of weights times 0 or 1); a bfloat16 mean over more than
+        # 256 ranks could round a disagreement away.
         held = 1.0 if self._hooks is not None and self._hooks.deferred else 0.0
         flag = torch.tensor([1.0, held], dtype=sent[0].dtype, device=sent[0].device)
         handle = self._exchange([*sent, flag], k)
