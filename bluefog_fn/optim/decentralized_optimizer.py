@@ -87,9 +87,10 @@ class DecentralizedOptimizer:
     forward pass fires its hook once, after accumulation; a second ``backward()`` before
     ``step()`` finishes the exchanges in flight and starts them again with the accumulated
     gradients; to accumulate gradients over micro-batches without paying an exchange for each,
-    run all but the last backward inside :meth:`no_sync`.  If a rank skips ``backward()``, its buckets start in ``step()``, in bucket
-    order, with its gradients as they are (``None`` counts as zeros); a rank that never calls
-    ``step()`` makes the others fail after ``BLUEFOG_FN_TIMEOUT``.
+    run all but the last backward inside :meth:`no_sync`.  If a rank skips ``backward()``, its
+    buckets start in ``step()``, in bucket order, with its gradients as they are (``None``
+    counts as zeros); a rank that never calls ``step()`` makes the others fail after
+    ``BLUEFOG_FN_TIMEOUT``.
 
     Args:
         optimizer: a ``torch.optim.Optimizer`` over (a subset of) the module's parameters.
