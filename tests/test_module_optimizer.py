@@ -174,3 +174,139 @@ def test_atc_parameters_stay_usable_after_shutdown_and_their_values_are_kept() -
     model(torch.ones(2, 3, dtype=torch.float64)).sum().backward()
     opt.step()
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------- no_sync()
+
+HOOKED = ["awc", "gradient_allreduce"]
+
+
+def _micro_batches(distinct: bool) -> list[torch.Tensor]:
+    """Three micro-batches: distinct, or one batch three times (see the bit-for-bit test)."""
+    g = torch.Generator().manual_seed(3)
+    if not distinct:
+        x = torch.randn(2, 3, generator=g, dtype=torch.float64)
+        return [x, x, x]
+    return [torch.randn(2, 3, generator=g, dtype=torch.float64) for _ in range(3)]
+
+
+def _micro_loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out: torch.Tensor = model(x).pow(2).sum()
+    return out
+
+
+@pytest.mark.parametrize("style", HOOKED)
+def test_no_sync_backwards_start_no_exchange(style: str) -> None:
+    model = _model()
+    opt, started = _recording_starts(model, style)
+    hooks = opt._hooks
+    assert hooks is not None
+    xs = _micro_batches(distinct=True)
+    for _ in range(2):
+        with opt.no_sync():
+            for x in xs[:-1]:
+                _micro_loss(model, x).backward()
+        assert started == [] and hooks.in_flight() == 0
+        _micro_loss(model, xs[-1]).backward()  # the first backward outside sends the sum
+        assert started == list(range(6)) and hooks.in_flight() == 6
+        opt.step()
+        assert hooks.in_flight() == 0
+        started.clear()
+        opt.zero_grad()
+    opt.free()
+
+
+@pytest.mark.parametrize("style", HOOKED)
+def test_step_inside_no_sync_still_communicates(style: str) -> None:
+    model = _model()
+    opt, started = _recording_starts(model, style)
+    with opt.no_sync():
+        for x in _micro_batches(distinct=True):
+            _micro_loss(model, x).backward()
+        assert started == []
+        opt.step()  # step() is where every exchange completes: it starts what backward did not
+        assert started == list(range(6))
+        started.clear()
+        opt.zero_grad()
+        _micro_loss(model, torch.ones(2, 3, dtype=torch.float64)).backward()
+        assert started == []  # still inside: the next step's backwards do not send either
+    opt.step()
+    assert started == list(range(6)) and opt.steps == 2
+    opt.free()
+
+
+@pytest.mark.parametrize("style", HOOKED)
+def test_no_sync_nests_and_is_left_cleanly_by_an_exception(style: str) -> None:
+    model = _model()
+    opt, started = _recording_starts(model, style)
+    x = torch.ones(2, 3, dtype=torch.float64)
+    with opt.no_sync():
+        with opt.no_sync():
+            _micro_loss(model, x).backward()
+        _micro_loss(model, x).backward()  # the outer block still holds
+        assert started == []
+    with pytest.raises(RuntimeError, match="in the middle of a micro-batch"), opt.no_sync():
+        _micro_loss(model, x).backward()
+        raise RuntimeError("in the middle of a micro-batch")
+    assert started == []
+    _micro_loss(model, x).backward()  # outside again: exchanges start from the hooks
+    assert started == list(range(6))
+    opt.step()
+    opt.free()
+
+
+@pytest.mark.parametrize("style", HOOKED)
+def test_backward_inside_no_sync_after_one_outside_leaves_no_gradient_out(style: str) -> None:
+    """The exchanges the first backward started carry its gradients only: they are sent again."""
+    model, reference = _model(), _model()
+    opt, started = _recording_starts(model, style)
+    plain = torch.optim.SGD(reference.parameters(), lr=0.1)
+    xs = _micro_batches(distinct=False)
+    _micro_loss(model, xs[0]).backward()
+    assert started == list(range(6))
+    with opt.no_sync():
+        _micro_loss(model, xs[1]).backward()
+    assert opt._hooks is not None and opt._hooks.in_flight() == 0
+    opt.step()
+    assert started == list(range(6)) * 2
+    sum(_micro_loss(reference, x) for x in xs[:2]).backward()  # type: ignore[union-attr]
+    plain.step()
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(p, q)
+    opt.free()
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+@pytest.mark.parametrize("style", STYLES)
+def test_no_sync_micro_batches_equal_one_backward_over_the_summed_loss(style: str, overlap: bool) -> None:
+    """Bit for bit with one batch three times: autograd adds the micro-batch gradients in the
+    order the backwards ran, one backward over the summed loss in an order of its own, and only
+    equal summands make every order give the same bits.  Distinct micro-batches: to rounding."""
+    for distinct in (False, True):
+        xs = _micro_batches(distinct)
+        models, opts = [], []
+        for _ in range(2):
+            m = _model()
+            models.append(m)
+            opts.append(bf.optim.DecentralizedOptimizer(
+                torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), m, T.ring(1),
+                style=style, overlap=overlap, bucket_cap_mb=1e-6,  # type: ignore[arg-type]
+            ))
+        (accumulated, summed), (opt_acc, opt_sum) = models, opts
+        for _ in range(3):
+            opt_acc.zero_grad()
+            with opt_acc.no_sync():
+                for x in xs[:-1]:
+                    _micro_loss(accumulated, x).backward()
+            _micro_loss(accumulated, xs[-1]).backward()
+            opt_acc.step()
+            opt_sum.zero_grad()
+            sum(_micro_loss(summed, x) for x in xs).backward()  # type: ignore[union-attr]
+            opt_sum.step()
+        for p, q in zip(accumulated.parameters(), summed.parameters(), strict=True):
+            if distinct:
+                torch.testing.assert_close(p, q, atol=1e-13, rtol=1e-13)
+            else:
+                assert torch.equal(p, q), f"{style}: no_sync() differs from the summed loss"
+        for o in opts:
+            o.free()

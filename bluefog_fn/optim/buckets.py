@@ -54,7 +54,8 @@ class BucketHooks:
     from the hook that completed it once every earlier bucket has been started, else it waits
     for them.  ``pending()`` lists the handles of the step and starts, still in bucket order,
     whatever backward did not (a rank that skipped backward, a parameter without gradient).
-    So every rank issues the same ops in the same order whatever its backward did: the order
+    While ``paused`` (``DecentralizedOptimizer.no_sync()``) the hooks start nothing and
+    ``deferred`` records that gradients of this step were held back.  So every rank issues the same ops in the same order whatever its backward did: the order
     in which hooks fire differs between modules (and between ranks, when one skips backward),
     and collectives paired across ranks by their order would otherwise mix different buckets
     (a global mean of one bucket with another's values).
@@ -70,6 +71,8 @@ class BucketHooks:
     _complete: set[int] = field(default_factory=set)  # buckets whose gradients are all there
     _next: int = 0  # every bucket before this one has been started
     _removers: list[Any] = field(default_factory=list)
+    paused: bool = False  # inside no_sync(): backward only accumulates
+    deferred: bool = False  # a backward of this step ran while paused
 
     def __post_init__(self) -> None:
         for b, idx in enumerate(self.buckets):
@@ -82,6 +85,11 @@ class BucketHooks:
     def _hook(self, i: int) -> Callable[[torch.Tensor], None]:
         def hook(_: torch.Tensor) -> None:
             if not self.enabled():
+                return
+            if self.paused:
+                self.deferred = True
+                if self._handles:  # they carry older gradients: what step() sends must include these
+                    self._restart()
                 return
             b = self._bucket_of[i]
             ready = self._ready[b]
@@ -121,6 +129,7 @@ class BucketHooks:
             ready.clear()
         self._complete.clear()
         self._next = 0
+        self.deferred = False
 
     def in_flight(self) -> int:
         """How many bucket exchanges were started and not yet collected by :meth:`pending`."""

@@ -11,12 +11,14 @@ with and without ``overlap``; overlap only moves the *start* of a bucket's excha
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from ..backend.errors import MismatchError
 from ..ops import (
     barrier,
     global_mean_async,
@@ -90,9 +92,11 @@ class DecentralizedOptimizer:
     same ops in the same order whatever order its hooks fire in.  A parameter used twice in a
     forward pass fires its hook once, after accumulation; a second ``backward()`` before
     ``step()`` finishes the exchanges in flight and starts them again with the accumulated
-    gradients.  If a rank skips ``backward()``, its buckets start in ``step()``, in bucket
-    order, with its gradients as they are (``None`` counts as zeros); a rank that never calls
-    ``step()`` makes the others fail after ``BLUEFOG_FN_TIMEOUT``.
+    gradients; to accumulate gradients over micro-batches without paying an exchange for each,
+    run all but the last backward inside :meth:`no_sync`.  If a rank skips ``backward()``, its
+    buckets start in ``step()``, in bucket order, with its gradients as they are (``None``
+    counts as zeros); a rank that never calls ``step()`` makes the others fail after
+    ``BLUEFOG_FN_TIMEOUT``.
 
     **Where atc keeps the parameters.** For ``"atc"`` on CPU the optimizer owns the memory of
     the trainable parameters: two :func:`bluefog_fn.shared_tree` buffers per bucket (peers on
@@ -185,6 +189,7 @@ class DecentralizedOptimizer:
         # that read them was waited for.
         self._before: dict[int, list[torch.Tensor]] = {}
         self._hooks: BucketHooks | None = None
+        self._no_sync_depth = 0
         if overlap and style in _HOOKED:
             self._hooks = BucketHooks(params, self._buckets, self._start_hooked, self._communicates_now)
         # atc: each bucket's parameters live in one of two buffers (bf.shared_tree: peers on
@@ -229,6 +234,68 @@ class DecentralizedOptimizer:
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the gradients (delegates to the wrapped optimizer)."""
         self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    @contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Gradient accumulation: the backwards inside this block start no exchange.
+
+        Their gradients only accumulate in ``.grad``; the first ``backward()`` after the block
+        (or ``step()``, if there is none) exchanges the accumulated gradients as usual.  So
+        ``k - 1`` backwards inside the block, one outside and ``step()`` give the parameters of
+        one backward over the sum of the ``k`` losses followed by ``step()``, for every style,
+        at the cost of one exchange instead of ``k``.  (Bit for bit whenever autograd's sums
+        of the micro-batch gradients are: here they are added in the order the backwards ran,
+        by one backward over the summed loss in an order of autograd's choosing.)
+
+        It matters for ``overlap=True`` with ``"awc"`` and ``"gradient_allreduce"``, whose
+        hooks start exchanges during backward; for the other styles, and without overlap,
+        backward never communicates and the block changes nothing, so a training loop can use
+        it whatever the style.  ``step()`` inside the block still communicates: as with DDP,
+        ``no_sync()`` concerns backward only, and here ``step()`` is where every exchange is
+        completed, so the block can only postpone communication, never skip it (skipping it
+        would let the ranks' models drift apart without a word; ``communicate_every`` is the
+        way to take local steps).  No gradient is left out: a backward inside the block after
+        one outside it in the same step makes the exchanges already started be sent again,
+        with the accumulated gradients.  Blocks nest (exchanges resume when the outermost one
+        is left) and are left cleanly by an exception.
+
+        Every rank must run the same backwards inside the block, as every rank makes the same
+        calls.  Ranks that disagree (with overlap, one sending every micro-batch and one only
+        the sum) would pair exchanges of different micro-batches, so every awc and
+        gradient_allreduce exchange also says whether its rank held gradients back, and a rank
+        whose peers say otherwise raises :class:`bluefog_fn.MismatchError` when it waits for
+        that exchange (in ``step()``, or in the ``backward()`` that sends again): all of them,
+        for gradient_allreduce; those with a disagreeing in-neighbour, for awc (the others then
+        fail in their next exchange, within ``BLUEFOG_FN_TIMEOUT``; under ``bfrun`` the first
+        error ends the job).
+
+        Example:
+            >>> import torch, bluefog_fn as bf
+            >>> model = torch.nn.Linear(2, 1)
+            >>> opt = bf.optim.DecentralizedOptimizer(
+            ...     torch.optim.SGD(model.parameters(), lr=0.1), model, bf.topology.ring(bf.size()),
+            ...     style="gradient_allreduce")
+            >>> micro_batches = [torch.ones(1, 2), 2 * torch.ones(1, 2), 3 * torch.ones(1, 2)]
+            >>> with opt.no_sync():
+            ...     for x in micro_batches[:-1]:
+            ...         model(x).sum().backward()  # accumulates, sends nothing
+            >>> model(micro_batches[-1]).sum().backward()  # exchanges the sum of all three
+            >>> model.weight.grad.tolist()
+            [[6.0, 6.0]]
+            >>> opt.step()
+            >>> opt.zero_grad()
+        """
+        self._no_sync_depth += 1
+        self._pause_hooks()
+        try:
+            yield
+        finally:
+            self._no_sync_depth -= 1
+            self._pause_hooks()
+
+    def _pause_hooks(self) -> None:
+        if self._hooks is not None:
+            self._hooks.paused = self._no_sync_depth > 0
 
     # ------------------------------------------------------------------------ the exchanges
 
@@ -310,8 +377,35 @@ class DecentralizedOptimizer:
     def _start_hooked(self, b: int) -> Handle[Any]:
         """The exchange of bucket ``b`` that can start once its gradients are there."""
         k = self._steps
-        if self.style == "gradient_allreduce":
-            return self._exchange(self._grads(b), k)
+        sent = self._grads(b) if self.style == "gradient_allreduce" else self._copy_before(b)
+        # With hooks, how many exchanges a rank makes per step depends on no_sync(), so ranks
+        # that disagree about it would pair exchanges of different micro-batches (collectives
+        # match by order alone).  Each exchange carries the pair [1, held] (held: no_sync()
+        # held back gradients of this step) in the bucket's dtype: averaged, it comes back as
+        # [s, s * held] exactly when every rank that weighs in agrees, s the sum of the weights.
+        # Also without hooks (held is then 0), so that overlap on and off move the same buffers.
+        # Exact in float32/64 (a sum of weights times 0 or 1); a bfloat16 mean over more than
+        # 256 ranks could round a disagreement away.
+        held = 1.0 if self._hooks is not None and self._hooks.deferred else 0.0
+        flag = torch.tensor([1.0, held], dtype=sent[0].dtype, device=sent[0].device)
+        handle = self._exchange([*sent, flag], k)
+
+        def finish() -> list[torch.Tensor]:
+            out: list[torch.Tensor] = handle.wait()
+            total, got = out[-1].tolist()
+            if got != total * held:
+                raise MismatchError(
+                    f"DecentralizedOptimizer: ranks disagree about no_sync() at step {k}: this rank "
+                    f"{'held back' if held else 'did not hold back'} gradients with no_sync() but a "
+                    "rank it averages with did the opposite; every rank must run the same backward() "
+                    "calls inside no_sync()"
+                )
+            return out[:-1]
+
+        return Handle(finish, handle.done)
+
+    def _copy_before(self, b: int) -> list[torch.Tensor]:
+        """awc: bucket ``b``'s parameters before the local step, into buffers reused every step."""
         before = self._before.get(b)
         if before is None:
             before = self._before[b] = [torch.empty_like(self._params[i]) for i in self._buckets[b]]
@@ -319,7 +413,7 @@ class DecentralizedOptimizer:
             # A copy: the local step updates the parameters in place while the messages travel.
             for x0, i in zip(before, self._buckets[b], strict=True):
                 x0.copy_(self._params[i])
-        return self._exchange(before, k)
+        return before
 
     def _hooked_handles(self) -> list[tuple[int, Handle[Any]]]:
         if self._hooks is not None:

@@ -8,6 +8,7 @@ per-step weight knobs, and a state_dict round trip mid-run.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -309,3 +310,113 @@ def test_atc_parameters_whose_storage_is_replaced_mid_run_follow_the_same_trajec
     kept = all(torch.equal(p, q) for p, q in zip(full.parameters(), model.parameters(), strict=True))
     all_ranks_agree(same and moved and kept, f"atc with replaced storage: same {same}, moved out {moved}, kept {kept}")
     opt_full.free()
+
+
+# ---------------------------------------------------------------------------- no_sync()
+
+HOOKED = ["awc", "gradient_allreduce"]
+
+
+def _micro_loss(model: nn.Module, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    out: torch.Tensor = ((model(a) - b) ** 2).sum()
+    return out
+
+
+def _train_micro(
+    style: str, kind: str, steps: int, batches: list[tuple[torch.Tensor, torch.Tensor]], *, summed: bool,
+    overlap: bool,
+) -> tuple[Net, bf.optim.DecentralizedOptimizer]:
+    """``steps`` steps over the micro-batches ``batches``: all but the last backward inside
+    ``no_sync()``, or (``summed``) one backward over the sum of their losses."""
+    model = _net(kind)
+    opt = bf.optim.DecentralizedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=LR), model, _topology(style), style=style,  # type: ignore[arg-type]
+        overlap=overlap, bucket_cap_mb=1e-6,  # one parameter per bucket: a hook per exchange
+    )
+    for _ in range(steps):
+        opt.zero_grad()
+        if summed:
+            sum(_micro_loss(model, a, b) for a, b in batches).backward()  # type: ignore[union-attr]
+        else:
+            with opt.no_sync():
+                for a, b in batches[:-1]:
+                    _micro_loss(model, a, b).backward()
+            _micro_loss(model, *batches[-1]).backward()
+        opt.step()
+    return model, opt
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+@pytest.mark.parametrize("kind", ["plain", "reordered"])
+@pytest.mark.parametrize("style", STYLES)
+def test_no_sync_micro_batches_equal_one_backward_over_the_summed_loss_bit_for_bit(
+    style: str, kind: str, overlap: bool
+) -> None:
+    """k = 3: two backwards inside ``no_sync()``, one outside, ``step()``; 3 steps.
+
+    The micro-batch is this rank's batch three times: autograd adds the micro-batch gradients
+    in the order the backwards ran, one backward over the summed loss in an order of its own,
+    and only equal summands give the same bits in every order.  (Distinct micro-batches are
+    checked against the dense reference in the next test.)
+    """
+    batch = _data(ME)
+    acc, opt_acc = _train_micro(style, kind, 3, [batch] * 3, summed=False, overlap=overlap)
+    ref, opt_ref = _train_micro(style, kind, 3, [batch] * 3, summed=True, overlap=overlap)
+    same = all(torch.equal(p, q) for p, q in zip(acc.parameters(), ref.parameters(), strict=True))
+    all_ranks_agree(same, f"{style}/{kind} overlap={overlap}: no_sync() differs from the summed loss")
+    opt_acc.free()
+    opt_ref.free()
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+@pytest.mark.parametrize("style", STYLES)
+def test_no_sync_over_a_split_batch_matches_the_dense_reference(style: str, overlap: bool) -> None:
+    """This rank's 5 rows in micro-batches of 2, 2 and 1: the summed loss is the batch's loss."""
+    a, b = _data(ME)
+    batches = [(a[:2], b[:2]), (a[2:4], b[2:4]), (a[4:], b[4:])]
+    model, opt = _train_micro(style, "plain", 4, batches, summed=False, overlap=overlap)
+    ref = _reference(style, "plain", 4, 1)
+    for name, p in _trainable(model).items():
+        assert_close_everywhere(p, ref[name], f"{style} overlap={overlap} no_sync: {name}", atol=1e-11, rtol=1e-11)
+    opt.free()
+
+
+@pytest.mark.skipif(N < 2, reason="needs ranks that disagree")
+@pytest.mark.parametrize("agreed_first", [False, True])
+@pytest.mark.parametrize("style", HOOKED)
+def test_ranks_disagreeing_about_no_sync_all_raise_a_mismatch_error(style: str, agreed_first: bool) -> None:
+    """Rank 1 runs its three backwards outside ``no_sync()``, the others two inside.
+
+    With overlap rank 1 sends every micro-batch and the others only the sum, so rank 1's first
+    exchange meets the others' only one.  Every rank must raise ``bf.MismatchError`` (on a
+    fully connected graph every rank hears a rank that disagrees), none may hang or take
+    mismatched averages silently.  One bucket: each rank waits for the one exchange it
+    shares with the others, so the world is left consistent for the next test.
+    ``agreed_first``: a step on which every rank agreed comes first.
+    """
+    model = _net("plain")
+    opt = bf.optim.DecentralizedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=LR), model, T.fully_connected(N), style=style,  # type: ignore[arg-type]
+    )
+    a, b = _data(ME)
+
+    def micro_step(inside: bool) -> None:
+        opt.zero_grad()
+        with opt.no_sync() if inside else contextlib.nullcontext():
+            _micro_loss(model, a, b).backward()
+            _micro_loss(model, a, b).backward()
+        _micro_loss(model, a, b).backward()
+        opt.step()
+
+    if agreed_first:
+        micro_step(True)
+    error = None
+    try:
+        micro_step(ME != 1)
+    except bf.MismatchError as exc:
+        error = str(exc)
+    ok = error is not None and "ranks disagree about no_sync()" in error
+    if not ok:
+        print(f"rank {ME}: {style}: {error!r}")
+    all_ranks_agree(ok, f"{style}: a rank did not raise MismatchError")
+    opt.free()
