@@ -32,3 +32,11 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         lines.append(f"MPI: {MPI.Get_library_version().splitlines()[0].strip()}")
     lines.append(f"BLUEFOG_FN_TIMEOUT={os.environ.get('BLUEFOG_FN_TIMEOUT', '(default)')}")
     return lines
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Under bfrun every rank runs its own pytest: each gets its own temporary-directory root in
+    # the job's private directory, or the ranks race removing each other's old ones.
+    job = os.environ.get("BLUEFOG_FN_JOB_DIR")
+    if bf.size() > 1 and job and config.option.basetemp is None:
+        config.option.basetemp = os.path.join(job, f"pytest-rank{bf.rank()}")
