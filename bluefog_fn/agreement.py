@@ -101,7 +101,11 @@ def agree(
     if key is not None and key in world.agreed:
         return call
     # The pattern is the op alone: the agreement that always follows compares the rest.
-    CallCheck(world, transport, fn, call, key, lambda: describe_call(plan, dim0_free), pattern=(fn,), step=step).settle()
+    at = "" if step is None else f"step {step}, "
+    CallCheck(
+        world, transport, fn, call, key, lambda: describe_call(plan, dim0_free), pattern=(fn,), step=step,
+        what=f"{fn} ({at}agreement)",
+    ).settle()
     return call
 
 
@@ -162,7 +166,7 @@ class CallCheck:
 
     def __init__(
         self, world: World, transport: Transport, fn: str, call: int, key: Any, info: Callable[[], dict[str, Any]],
-        *, pattern: Any = None, step: int | None = None,
+        *, pattern: Any = None, step: int | None = None, what: str | None = None,
     ) -> None:
         self.world, self.transport, self.fn, self.call, self.key, self.info, self.step = (
             world, transport, fn, call, key, info, step
@@ -173,7 +177,8 @@ class CallCheck:
         self.post: Callable[[], None] | None = None
         self._settled = False
         self._error: BaseException | None = None
-        self._pending: Pending = transport.allreduce_max(self.header, f"{fn} ({self._at()}call check)")
+        # Named as the op itself: a rank that never arrives "did not enter global_mean".
+        self._pending: Pending = transport.allreduce_max(self.header, what or fn)
 
     def _at(self) -> str:
         return "" if self.step is None else f"step {self.step}, "
