@@ -217,7 +217,7 @@ class CallCheck:
         self._settled = True
         try:
             self._pending.wait()
-            fingerprint, negated, needs = (int(v) for v in self.header)
+            fingerprint, negated, needs = self.header.tolist()
             diverged = fingerprint != -negated
             if diverged or needs:
                 mine = {**self.info(), "call": self.call, "what": self.world.calls.describe(self.call) or self.fn}
