@@ -463,6 +463,9 @@ class MpiTransport:
     """Transport over an MPI communicator (a private duplicate of ``comm``).
 
     A second duplicate carries control traffic only: the departure notices of :meth:`close`.
+    A third carries the call checks only (:meth:`allreduce_max`): they are posted in program
+    order while a held call's data may be posted later, and MPI matches the collectives of each
+    communicator by their own order, so each sequence is the same on every rank.
     """
 
     def __init__(self, comm: MPI.Comm, timeout: float, init_timeout: float | None = None) -> None:
@@ -473,6 +476,7 @@ class MpiTransport:
         self.rank: int = self.comm.Get_rank()
         self.size: int = self.comm.Get_size()
         self._departures = _Departures(_dup(comm, deadline, what))
+        self._checks = _dup(comm, deadline, what)
         tag_ub = self.comm.Get_attr(MPI.TAG_UB)
         self.wire = CallWire(self.comm, int(tag_ub) if tag_ub else 32767)
         # The thread level MPI was initialized with, for the front end to warn about MULTIPLE
@@ -512,6 +516,7 @@ class MpiTransport:
         self._host_memories = []
         self.comm.Free()
         control.Free()
+        self._checks.Free()
 
     def abort(self, code: int) -> NoReturn:
         """End every rank of the job now (``MPI_Abort``)."""
@@ -555,7 +560,8 @@ class MpiTransport:
 
     def hold(self, call: HeldCall) -> None:
         """Keep ``call`` (its check in flight) until it is settled: before this rank posts any
-        other collective, or while it waits once the check is complete."""
+        other collective on the data communicator (so that they follow in call order), by the
+        call's own wait, or while this rank waits once the check is complete."""
         self._held.append(call)
 
     def settle(self) -> None:
@@ -574,17 +580,24 @@ class MpiTransport:
         # An idle hook: a held call whose check is complete posts its data while this rank
         # waits for something else (a peer may be waiting for that data).  A failure is kept by
         # the call and raised by its wait, not by the unrelated wait running this hook.
-        if self._held and not self._settling and self._held[0].ready():
-            with contextlib.suppress(Exception):
-                self.settle()
+        if self._settling:
+            return
+        self._settling = True
+        try:
+            while self._held and self._held[0].ready():  # never waits on a check still in flight
+                with contextlib.suppress(Exception):
+                    self._held.popleft().settle()
+        finally:
+            self._settling = False
 
     def allreduce_sum(self, buf: np.ndarray, what: str = "global reduction") -> _Collective:
         self.settle()
         return self._collective(self.comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM), what)
 
     def allreduce_max(self, buf: np.ndarray, what: str = "call check") -> _Collective:
-        self.settle()
-        return self._collective(self.comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.MAX), what)
+        # On the checks' own communicator, in program order, without settling the held calls:
+        # an async op's check never waits for an earlier call's.
+        return self._collective(self._checks.Iallreduce(MPI.IN_PLACE, buf, op=MPI.MAX), what)
 
     def bcast(self, buf: np.ndarray, root: int, what: str = "broadcast") -> _Collective:
         self.settle()

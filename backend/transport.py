@@ -159,13 +159,16 @@ class Transport(Protocol):
         ...
 
     def allreduce_max(self, buf: np.ndarray, what: str = "call check") -> Pending:
-        """Element-wise maximum of ``buf`` (int64) over all ranks, in place."""
+        """Element-wise maximum of ``buf`` (int64) over all ranks, in place: the call checks.
+
+        Ordered among themselves only (MPI runs them on a communicator of their own), so it
+        settles no held call: an async op's check never waits for an earlier call's."""
         ...
 
     def hold(self, call: HeldCall) -> None:
-        """Keep ``call`` until :meth:`settle`: every collective operation settles the held calls
-        first (so all ranks post their collectives in the same order), and a waiting rank
-        settles one whose check is complete."""
+        """Keep ``call`` until :meth:`settle`: every other collective operation settles the held
+        calls first (so all ranks post their collectives in the same order), and a waiting rank
+        settles those whose check is complete, oldest first."""
         ...
 
     def settle(self) -> None:
