@@ -349,3 +349,22 @@ def test_async_global_op_in_flight_while_a_rank_waits_on_a_neighbour_op() -> Non
     ok = torch.equal(mean, torch.full((59,), (N - 1) / 2, dtype=torch.float64))
     ok = ok and torch.equal(mixed, torch.full((59,), (ME + PARTNER) / 2, dtype=torch.float64))
     all_ranks_agree(ok, "async global op overlapping a neighbour op")
+
+
+def test_async_global_ops_in_flight_together_waited_in_any_order() -> None:
+    # Checks are posted in call order; data follows in call order whatever order the handles
+    # are waited in on each rank (here rank-dependent), so every result is exact.
+    x = torch.full((61,), float(ME), dtype=torch.float64)
+    for op in GLOBAL_OPS:
+        global_call(op, [x])
+    handles = [global_async(op, [x]) for op in GLOBAL_OPS]
+    order = range(len(handles)) if ME % 2 == 0 else reversed(range(len(handles)))
+    results = {i: handles[i].wait() for i in order}  # type: ignore[attr-defined]
+    mean = torch.full((61,), (N - 1) / 2, dtype=torch.float64)
+    gathered = torch.cat([torch.full((61,), float(r), dtype=torch.float64) for r in range(N)])
+    ok = (
+        torch.equal(results[0][0], mean) and torch.equal(results[1][0], mean * N)
+        and torch.equal(results[2][0], torch.zeros(61, dtype=torch.float64))
+        and torch.equal(results[3][0], gathered) and results[4] is None
+    )
+    all_ranks_agree(ok, "async global ops waited in any order")
