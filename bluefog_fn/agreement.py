@@ -158,8 +158,9 @@ class CallCheck:
     agreement, every rank exchanges descriptions (``info()``) and raises the same error or
     records the pattern agreed; then it runs the call's ``post`` (which posts the call's data
     collectives).  A global op *holds* its check with the transport (:meth:`hold`): an ``_async``
-    form returns at once, and the transport settles it before it posts any other collective (so
-    every rank posts its collectives in the same order) or while this rank waits for MPI.
+    form returns at once, and the transport settles it before it posts any other data collective
+    (so every rank posts them in call order; checks have a communicator of their own) or while
+    this rank waits.
     """
 
     __slots__ = ("_error", "_pending", "_settled", "call", "fn", "header", "info", "key", "post", "step", "transport", "world")
