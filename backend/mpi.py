@@ -7,6 +7,7 @@ dead or diverging peer becomes a :class:`CommTimeoutError` naming who is missing
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 import os
@@ -29,6 +30,7 @@ if "mpi4py.MPI" not in sys.modules:
 from mpi4py import MPI
 
 from .errors import CallMismatchError, CommError, CommTimeoutError, MismatchError
+from .transport import HeldCall
 from .watchdog import Watchdog
 
 _THREAD_LEVELS = {
@@ -461,6 +463,9 @@ class MpiTransport:
     """Transport over an MPI communicator (a private duplicate of ``comm``).
 
     A second duplicate carries control traffic only: the departure notices of :meth:`close`.
+    A third carries the call checks only (:meth:`allreduce_max`): they are posted in program
+    order while a held call's data may be posted later, and MPI matches the collectives of each
+    communicator by their own order, so each sequence is the same on every rank.
     """
 
     def __init__(self, comm: MPI.Comm, timeout: float, init_timeout: float | None = None) -> None:
@@ -471,12 +476,18 @@ class MpiTransport:
         self.rank: int = self.comm.Get_rank()
         self.size: int = self.comm.Get_size()
         self._departures = _Departures(_dup(comm, deadline, what))
+        self._checks = _dup(comm, deadline, what)
         tag_ub = self.comm.Get_attr(MPI.TAG_UB)
         self.wire = CallWire(self.comm, int(tag_ub) if tag_ub else 32767)
         # The thread level MPI was initialized with, for the front end to warn about MULTIPLE
         # (set by whoever imported mpi4py.MPI first; see the top of this module).
         self.thread_level: str = _THREAD_LEVELS.get(MPI.Query_thread(), "unknown")
         self._host_memories: list[MpiHostMemory] = []
+        # Calls whose check collective is in flight and whose data collectives are not posted
+        # yet (see hold); settled before any other collective is posted.
+        self._held: collections.deque[HeldCall] = collections.deque()
+        self._settling = False
+        self.wire.idle_hooks.append(self._settle_ready)
 
     def close(self) -> None:
         """Leave the job: tell every rank, wait (bounded) until every rank left, release both
@@ -505,6 +516,7 @@ class MpiTransport:
         self._host_memories = []
         self.comm.Free()
         control.Free()
+        self._checks.Free()
 
     def abort(self, code: int) -> NoReturn:
         """End every rank of the job now (``MPI_Abort``)."""
@@ -546,14 +558,54 @@ class MpiTransport:
         # the current call seen while waiting here is left for the next call's probe.
         return _Collective(request, what, self.timeout, self._probe, self.size, self._departures)
 
+    def hold(self, call: HeldCall) -> None:
+        """Keep ``call`` (its check in flight) until it is settled: before this rank posts any
+        other collective on the data communicator (so that they follow in call order), by the
+        call's own wait, or while this rank waits once the check is complete."""
+        self._held.append(call)
+
+    def settle(self) -> None:
+        """Settle the held calls, oldest first.  Collectives posted while settling (a held
+        call's own agreement and data) do not settle again: they belong to that call."""
+        if self._settling or not self._held:
+            return
+        self._settling = True
+        try:
+            while self._held:
+                self._held.popleft().settle()
+        finally:
+            self._settling = False
+
+    def _settle_ready(self) -> None:
+        # An idle hook: a held call whose check is complete posts its data while this rank
+        # waits for something else (a peer may be waiting for that data).  A failure is kept by
+        # the call and raised by its wait, not by the unrelated wait running this hook.
+        if self._settling:
+            return
+        self._settling = True
+        try:
+            while self._held and self._held[0].ready():  # never waits on a check still in flight
+                with contextlib.suppress(Exception):
+                    self._held.popleft().settle()
+        finally:
+            self._settling = False
+
     def allreduce_sum(self, buf: np.ndarray, what: str = "global reduction") -> _Collective:
+        self.settle()
         return self._collective(self.comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM), what)
 
+    def allreduce_max(self, buf: np.ndarray, what: str = "call check") -> _Collective:
+        # On the checks' own communicator, in program order, without settling the held calls:
+        # an async op's check never waits for an earlier call's.
+        return self._collective(self._checks.Iallreduce(MPI.IN_PLACE, buf, op=MPI.MAX), what)
+
     def bcast(self, buf: np.ndarray, root: int, what: str = "broadcast") -> _Collective:
+        self.settle()
         # Broadcast moves bytes, so any dtype (half types included) travels unchanged.
         return self._collective(self.comm.Ibcast([buf, MPI.BYTE], root=root), what)
 
     def allgatherv(self, send: np.ndarray, recv: np.ndarray, counts: Sequence[int], what: str = "allgather") -> _Collective:
+        self.settle()
         itemsize = send.dtype.itemsize
         byte_counts = [int(c) * itemsize for c in counts]
         displs = np.concatenate([[0], np.cumsum(byte_counts)[:-1]]).astype(int).tolist()
@@ -563,26 +615,34 @@ class MpiTransport:
         return self._collective(req, what)
 
     def barrier(self, what: str = "barrier") -> _Collective:
+        self.settle()
         return self._collective(self.comm.Ibarrier(), what)
 
     def allgather_object(self, obj: Any, what: str = "agreement") -> list[Any]:
+        self.settle()
         # Small pickled payloads only (agreement digests); bounded by the same deadline as data.
         return _allgather_object(self.comm, obj, lambda req: self._collective(req, what))
 
     def window_create(self, nbytes: int) -> MpiWindow:
         # Collective; the front end enters it on every rank after the same agreement check.
+        self.settle()
         return MpiWindow(self.comm, nbytes, self.timeout)
 
     def host_memory(self, machine: int) -> MpiHostMemory:
         """Collective: the shared memory of the ranks of machine ``machine`` that MPI can map
         into one another (``MPI_COMM_TYPE_SHARED`` within the machine).  Released at
         :meth:`close`, after every rank left the job."""
+        self.settle()
         memory = MpiHostMemory(self.comm, machine, self.timeout)
         self._host_memories.append(memory)
         return memory
 
     def probe_divergence(self) -> None:
-        """Raise ``CallMismatchError`` if a mismatch notice or a stale message waits (one Iprobe)."""
+        """Raise ``CallMismatchError`` if a mismatch notice or a stale message waits (one Iprobe).
+
+        Called now and then by waits outside MPI (same-host shared memory), so it also settles
+        a held call whose check is complete, as MPI waits do."""
+        self._settle_ready()
         self.wire.probe(self.wire.call)
 
     def departed(self) -> set[int]:

@@ -111,6 +111,18 @@ class WindowHandle(Protocol):
         ...
 
 
+class HeldCall(Protocol):
+    """A call whose check collective is in flight and whose next collectives are not posted yet."""
+
+    def ready(self) -> bool:
+        """Whether :meth:`settle` would find the check complete (never blocks)."""
+        ...
+
+    def settle(self) -> None:
+        """Finish the check and post the call's next collectives (blocks; once)."""
+        ...
+
+
 class Transport(Protocol):
     """A communicator over ``size`` ranks, of which this process is ``rank``."""
 
@@ -144,6 +156,23 @@ class Transport(Protocol):
 
     def allreduce_sum(self, buf: np.ndarray, what: str = "global reduction") -> Pending:
         """Sum ``buf`` over all ranks, in place."""
+        ...
+
+    def allreduce_max(self, buf: np.ndarray, what: str = "call check") -> Pending:
+        """Element-wise maximum of ``buf`` (int64) over all ranks, in place: the call checks.
+
+        Ordered among themselves only (MPI runs them on a communicator of their own), so it
+        settles no held call: an async op's check never waits for an earlier call's."""
+        ...
+
+    def hold(self, call: HeldCall) -> None:
+        """Keep ``call`` until :meth:`settle`: every other collective operation settles the held
+        calls first (so all ranks post their collectives in the same order), and a waiting rank
+        settles those whose check is complete, oldest first."""
+        ...
+
+    def settle(self) -> None:
+        """Settle the held calls, oldest first (raising the first failure)."""
         ...
 
     def bcast(self, buf: np.ndarray, root: int, what: str = "broadcast") -> Pending:

@@ -59,7 +59,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from mpi4py import MPI
-from tiny_call import tiny_costs  # bench/ is the script's directory, first on sys.path
+from tiny_call import (  # bench/ is the script's directory, first on sys.path
+    tiny_costs,
+    tiny_global_costs,
+)
 from tqdm import tqdm
 
 import bluefog_fn as bf
@@ -314,10 +317,13 @@ def main() -> None:
         return
     if args.tiny:
         t_bf, t_floor = tiny_costs(comm, topo, max(args.reps, 15))
+        g_bf, g_floor = tiny_global_costs(comm, max(args.reps, 15))
         if rank == 0:
             alone = world_of_one_cost()
             print(f"one-element tree, cached plan, {n} ranks: bf {t_bf * 1e6:.1f} us per call, floor (Sendrecv + "
                   f"average) {t_floor * 1e6:.1f} us: {t_bf / t_floor:.1f}x floor; world of one: {alone * 1e6:.1f} us per call")
+            print(f"one-element global_mean, {n} ranks: bf {g_bf * 1e6:.1f} us per call, floor (Allreduce + "
+                  f"division) {g_floor * 1e6:.1f} us: {g_bf / g_floor:.1f}x floor")
         return
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(args.port))

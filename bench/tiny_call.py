@@ -1,7 +1,8 @@
-"""Per-call cost of a cached one-element ``neighbor_mean`` against the raw floor, in one run.
+"""Per-call cost of a cached one-element ``neighbor_mean`` and ``global_mean`` against the raw
+floor, in one run.
 
-Floor: a one-element mpi4py ``Sendrecv`` with the same peer + average (a copy + average in a
-world of one).  Each number is the median over 15 rounds of 200 calls, the slowest rank's; the
+Floors: a one-element mpi4py ``Sendrecv`` with the same peer + average, and a one-element
+``Allreduce`` + division (a copy + average in a world of one).  Each number is the median over 15 rounds of 200 calls, the slowest rank's; the
 pair is measured three times, interleaved, and the best of each is printed.  Runs unchanged on
 any tree of the library (it uses only public names), so before/after comparisons run the same
 script:
@@ -52,6 +53,31 @@ def tiny_costs(comm: MPI.Comm, topo: object, rounds: int = 15) -> tuple[float, f
         np.add(one, one_r, out=one_o)
         np.multiply(one_o, 0.5, out=one_o)
 
+    return _best_of_three(comm, bf_call, floor_call, rounds)
+
+
+def tiny_global_costs(comm: MPI.Comm, rounds: int = 15) -> tuple[float, float]:
+    """Seconds per call of a cached one-element ``global_mean`` and of its floor (a one-element
+    ``Allreduce`` + division), measured like :func:`tiny_costs`."""
+    n = comm.Get_size()
+    tiny = {"x": torch.ones(1)}
+    one = np.ones(1, dtype=np.float32)
+    total = np.empty_like(one)
+
+    def bf_call() -> None:
+        bf.global_mean(tiny)
+
+    def floor_call() -> None:
+        if n > 1:
+            comm.Allreduce(one, total, op=MPI.SUM)
+        else:
+            np.copyto(total, one)
+        np.divide(total, n, out=total)
+
+    return _best_of_three(comm, bf_call, floor_call, rounds)
+
+
+def _best_of_three(comm: MPI.Comm, bf_call: Callable[[], None], floor_call: Callable[[], None], rounds: int) -> tuple[float, float]:
     def per_call(fn: Callable[[], None]) -> float:
         for _ in range(200):
             fn()
@@ -78,8 +104,10 @@ def main() -> None:
     n = comm.Get_size()
     topo = bf.topology.one_peer_exponential_two(n) if n > 1 else bf.topology.ring(1)
     ours, floor = tiny_costs(comm, topo)
+    g_ours, g_floor = tiny_global_costs(comm)
     if comm.Get_rank() == 0:
-        print(f"{label} np={n}: bf {ours * 1e6:.1f} us, floor {floor * 1e6:.1f} us, ratio {ours / floor:.1f}x")
+        print(f"{label} np={n}: neighbor_mean bf {ours * 1e6:.1f} us, floor {floor * 1e6:.1f} us, ratio {ours / floor:.1f}x")
+        print(f"{label} np={n}: global_mean bf {g_ours * 1e6:.1f} us, floor {g_floor * 1e6:.1f} us, ratio {g_ours / g_floor:.1f}x")
 
 
 if __name__ == "__main__":

@@ -134,6 +134,26 @@ def test_collective_timeout_names_the_op_and_the_world() -> None:
     ), out.stderr
 
 
+def test_rank_never_arriving_at_an_async_global_op_is_a_timeout() -> None:
+    # The async form returns once its call check is posted; the wait names the op and the world.
+    body = (
+        "x = torch.ones(2)\n"
+        "bf.broadcast(x)\n"  # agreed: the next call goes straight to its call check
+        "if bf.rank() == 0:\n"
+        "    handle = bf.broadcast_async(x)\n"
+        "    handle.wait()\n"
+        "else:\n"
+        "    time.sleep(600)\n"
+    )
+    out, elapsed = run_job(2, body, timeout_s=3)
+    assert out.returncode != 0
+    assert elapsed < BOUND_SECONDS
+    assert (
+        "bfrun: rank 0 failed: CommTimeoutError: broadcast: not every one of the 2 ranks entered it within 3 s"
+        in out.stderr
+    ), out.stderr
+
+
 @TRANSPORTS
 def test_killed_rank_ends_the_job_and_bfrun_names_it(shm: str) -> None:
     body = (

@@ -3,17 +3,22 @@ barrier, and the rank-list exchange of ``infer_sources`` / ``infer_destinations`
 
 All leaves of a tree travel in one fused buffer per dtype.  float16/bfloat16 are reduced in
 float32 (MPI has no half types, and the sum of many halves loses too much).
+
+Every call starts with its call check (:func:`~bluefog_fn.agreement.check_global`): the inputs
+are packed at once (the caller may reuse them after an ``_async`` form returns), the data
+collectives are posted once the check passed — when the handle is waited or polled, before the
+next collective, or while this rank waits for MPI (see ``Transport.hold``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from ..agreement import agree
+from ..agreement import CallCheck, check_global
 from ..backend.buffers import host_array
 from ..backend.errors import MismatchError
 from ..backend.transport import Pending, Transport
@@ -33,22 +38,46 @@ def _device(flat: Flat) -> torch.device:
     return flat.tensors[0].device if flat.tensors else torch.device("cpu")
 
 
+def _then(check: CallCheck | None, post: Callable[[], None]) -> None:
+    """Run ``post`` once ``check`` passed (at once in a world of one, which has no check)."""
+    if check is None:
+        post()
+    else:
+        check.hold(post)
+
+
+def _posted(check: CallCheck | None) -> None:
+    """Block until the call's data collectives are posted (raising the check's failure)."""
+    if check is not None:
+        check.posted()
+
+
+def _polled(check: CallCheck | None, pendings: Sequence[Pending]) -> bool:
+    """A handle's ``done``: the check passed, the data is posted, and it completed."""
+    return (check is None or check.poll()) and all(p.done() for p in pendings)
+
+
 def _start_reduce(
     world: World, transport: Transport, fn: str, flat: Flat, mean: bool, tensors: Sequence[torch.Tensor], span: Span | None
-) -> tuple[CommPlan, list[Pending], list[torch.Tensor]]:
+) -> tuple[CommPlan, CallCheck | None, list[Pending], list[torch.Tensor]]:
     plan = trace_collective(world, fn, flat, world.rank)
     if span is not None:
         span.phase("trace")
-    agree(world, transport, fn, plan)
+    check = check_global(world, transport, fn, plan)
     if span is not None:
         span.phase("agree")
     bufs = pack(plan, tensors, world.resources, upcast_half=True)
     if span is not None:
         span.phase("pack")
-    pendings = [transport.allreduce_sum(host_array(b), fn) for b in bufs]
+    pendings: list[Pending] = []
+
+    def post() -> None:
+        pendings.extend(transport.allreduce_sum(host_array(b), fn) for b in bufs)
+
+    _then(check, post)
     if span is not None:
         span.phase("send")
-    return plan, pendings, bufs
+    return plan, check, pendings, bufs
 
 
 class _GlobalMeanFunction(torch.autograd.Function):
@@ -83,10 +112,11 @@ def reduce(world: World, transport: Transport, fn: str, flat: Flat, mean: bool) 
     plans: list[CommPlan] = []  # the plan, for the timeline's arguments
 
     def finish_leaves(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        plan, pendings, bufs = started or _start_reduce(world, transport, fn, flat, mean, tensors, span)
+        plan, check, pendings, bufs = started or _start_reduce(world, transport, fn, flat, mean, tensors, span)
         if span is not None:
             plans.append(plan)
             span.skip()
+        _posted(check)
         for p in pendings:
             p.wait()
         if span is not None:
@@ -111,7 +141,7 @@ def reduce(world: World, transport: Transport, fn: str, flat: Flat, mean: bool) 
         return flat.unflatten(list(leaves))
 
     def done() -> bool:
-        return started is None or all(p.done() for p in started[1])
+        return started is None or _polled(started[1], started[2])
 
     return tracked(world, fn, finish, done, span, lambda: plan_args(plans[0]) if plans else {})
 
@@ -124,7 +154,7 @@ def broadcast(world: World, transport: Transport, flat: Flat, root: int) -> Hand
     plan = trace_collective(world, fn, flat, world.rank, root)
     if span is not None:
         span.phase("trace")
-    agree(world, transport, fn, plan)
+    check = check_global(world, transport, fn, plan)
     if span is not None:
         span.phase("agree")
     res = world.resources
@@ -134,12 +164,18 @@ def broadcast(world: World, transport: Transport, flat: Flat, root: int) -> Hand
         bufs = [res.pool.take(g.dtype, g.numel) for g in plan.layout.groups]
     if span is not None:
         span.phase("pack")
-    pendings = [transport.bcast(host_array(b), root, fn) for b in bufs]
+    pendings: list[Pending] = []
+
+    def post() -> None:
+        pendings.extend(transport.bcast(host_array(b), root, fn) for b in bufs)
+
+    _then(check, post)
     if span is not None:
         span.phase("send")
     device = _device(flat)
 
     def finish() -> Any:
+        _posted(check)
         for p in pendings:
             p.wait()
         if span is not None:
@@ -149,7 +185,7 @@ def broadcast(world: World, transport: Transport, flat: Flat, root: int) -> Hand
             span.phase("unpack")
         return result
 
-    return tracked(world, fn, finish, lambda: all(p.done() for p in pendings), span, lambda: plan_args(plan))
+    return tracked(world, fn, finish, lambda: _polled(check, pendings), span, lambda: plan_args(plan))
 
 
 def allgather(world: World, transport: Transport, flat: Flat) -> Handle[Any]:
@@ -160,38 +196,44 @@ def allgather(world: World, transport: Transport, flat: Flat) -> Handle[Any]:
     plan = trace_collective(world, fn, flat, world.rank, dim0_free=True)
     if span is not None:
         span.phase("trace")
-    agree(world, transport, fn, plan, dim0_free=True)
+    check = check_global(world, transport, fn, plan, dim0_free=True)
     if span is not None:
         span.phase("agree")
     res = world.resources
     n = world.size
-    # Every rank's first dimensions, so each can size and slice the gathered buffers.
-    dims = np.array([t.shape[0] for t in flat.tensors], dtype=np.int64)
-    gathered_dims = np.empty(n * len(dims), dtype=np.int64)
-    transport.allgatherv(dims, gathered_dims, [len(dims)] * n, f"{fn} (first dimensions)").wait()
-    all_dims = gathered_dims.reshape(n, len(dims))
-    if span is not None:
-        span.phase("agree")  # every rank's first dimensions: part of agreeing on the shapes
     bufs = pack(plan, flat.tensors, res)
     if span is not None:
         span.phase("pack")
-    gathered = []
-    pendings = []
-    for g, b in zip(plan.layout.groups, bufs, strict=True):
-        row = [_row_numel(s.shape) for s in g.slots]
-        counts = [int(sum(all_dims[r, s.leaf] * row[k] for k, s in enumerate(g.slots))) for r in range(n)]
-        recv = res.pool.take(g.dtype, sum(counts))
-        pendings.append(transport.allgatherv(host_array(b), host_array(recv), counts, fn))
-        gathered.append((g, recv, counts, row))
+    gathered: list[tuple[Any, torch.Tensor, list[int], list[int]]] = []
+    pendings: list[Pending] = []
+    dims_of: list[np.ndarray] = []  # every rank's first dimensions, one row per rank
+
+    def post() -> None:
+        # Every rank's first dimensions, so each can size and slice the gathered buffers.
+        dims = np.array([t.shape[0] for t in flat.tensors], dtype=np.int64)
+        gathered_dims = np.empty(n * len(dims), dtype=np.int64)
+        transport.allgatherv(dims, gathered_dims, [len(dims)] * n, f"{fn} (first dimensions)").wait()
+        all_dims = gathered_dims.reshape(n, len(dims))
+        dims_of.append(all_dims)
+        for g, b in zip(plan.layout.groups, bufs, strict=True):
+            row = [_row_numel(s.shape) for s in g.slots]
+            counts = [int(sum(all_dims[r, s.leaf] * row[k] for k, s in enumerate(g.slots))) for r in range(n)]
+            recv = res.pool.take(g.dtype, sum(counts))
+            pendings.append(transport.allgatherv(host_array(b), host_array(recv), counts, fn))
+            gathered.append((g, recv, counts, row))
+
+    _then(check, post)
     if span is not None:
         span.phase("send")
     device = _device(flat)
 
     def finish() -> Any:
+        _posted(check)
         for p in pendings:
             p.wait()
         if span is not None:
             span.phase("wait")
+        all_dims = dims_of[0]
         outs: list[torch.Tensor | None] = [None] * len(flat.tensors)
         for g, recv, counts, row in gathered:
             starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
@@ -216,7 +258,7 @@ def allgather(world: World, transport: Transport, flat: Flat) -> Handle[Any]:
             span.phase("unpack")
         return result
 
-    return tracked(world, fn, finish, lambda: all(p.done() for p in pendings), span, lambda: plan_args(plan))
+    return tracked(world, fn, finish, lambda: _polled(check, pendings), span, lambda: plan_args(plan))
 
 
 def _row_numel(shape: tuple[int, ...]) -> int:
@@ -230,16 +272,23 @@ def barrier(world: World, transport: Transport) -> Handle[None]:
     """Every rank reached the barrier."""
     timeline = world.timeline
     span = None if timeline is None else timeline.begin("barrier")
-    pending = transport.barrier("barrier")
+    # The call check is itself a barrier (a MAX over every rank's header completes only once
+    # every rank contributed), so a world of several ranks posts nothing more.
+    check = check_global(world, transport, "barrier", None)
+    pendings = [transport.barrier("barrier")] if check is None else []
     if span is not None:
         span.phase("send")
 
     def finish() -> None:
-        pending.wait()
+        _posted(check)
+        for p in pendings:
+            p.wait()
         if span is not None:
             span.phase("wait")
 
-    return tracked(world, "barrier", finish, pending.done, span)
+    if check is not None:
+        check.hold(lambda: None)
+    return tracked(world, "barrier", finish, lambda: _polled(check, pendings), span)
 
 
 def infer(world: World, transport: Transport, fn: str, arg: str, ranks: Any) -> Any:
@@ -250,6 +299,9 @@ def infer(world: World, transport: Transport, fn: str, arg: str, ranks: Any) -> 
     mine = canonical(fn, arg, ranks, world.rank, n)
     if n == 1:
         return ()
+    check = check_global(world, transport, fn, None)
+    if check is not None:
+        check.settle()
     header = np.array([OP_CODE[fn], len(mine)], dtype=np.int64)
     headers = np.empty(2 * n, dtype=np.int64)
     transport.allgatherv(header, headers, [2] * n, fn).wait()

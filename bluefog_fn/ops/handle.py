@@ -22,12 +22,13 @@ class Handle(Generic[T]):
         [1.0, 1.0]
     """
 
-    __slots__ = ("_done", "_finish", "_result", "_test")
+    __slots__ = ("_done", "_error", "_finish", "_result", "_test")
 
     def __init__(self, finish: Callable[[], T], test: Callable[[], bool] | None = None) -> None:
         self._finish: Callable[[], T] | None = finish
         self._test = test
         self._result: Any = None
+        self._error: Exception | None = None
         self._done = False
 
     def done(self) -> bool:
@@ -35,11 +36,18 @@ class Handle(Generic[T]):
         return self._done or self._test is None or self._test()
 
     def wait(self) -> T:
-        """Block until the op completed and return its result (the same object on every call)."""
+        """Block until the op completed and return its result (the same object on every call;
+        an op that failed raises the same error on every call)."""
         if not self._done:
+            if self._error is not None:
+                raise self._error
             finish, self._finish = self._finish, None
             assert finish is not None  # internal invariant: set until the first wait
-            self._result = finish()
+            try:
+                self._result = finish()
+            except Exception as exc:
+                self._error = exc
+                raise
             self._done = True
         return self._result  # type: ignore[no-any-return]
 

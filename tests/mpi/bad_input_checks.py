@@ -22,7 +22,7 @@ from bluefog_fn.world import current
 
 from .bad_input_table import Bad, Entry, _tree
 
-_SENDS = ("exchange", "allreduce_sum", "bcast", "allgatherv", "barrier", "allgather_object", "window_create",
+_SENDS = ("exchange", "allreduce_sum", "allreduce_max", "bcast", "allgatherv", "barrier", "allgather_object", "window_create",
           "put", "accumulate", "get", "swap", "free", "mutex_acquire", "mutex_release")
 
 

@@ -1,7 +1,8 @@
 """Divergence after agreement: peers catch a rank whose calls no longer match, within one call.
 
 Every call pattern here is agreed first (a correct call on every rank), so what catches the
-divergence is the call number each message carries, not the agreement collective.  Ranks pair up
+divergence is the call number each message carries (point-to-point ops) or the call check every
+global op starts with, not the agreement collective.  Ranks pair up
 as (0, 1), (2, 3), ...: the pair (0, 1) diverges, any other pair keeps working and must be
 unaffected.  Runs under ``bfrun -np 2`` and ``-np 4``.
 
@@ -14,6 +15,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from mpi4py import MPI
 
 import bluefog_fn as bf
@@ -148,3 +151,220 @@ def test_per_call_graphs_run_no_agreement_collective_after_the_first_call() -> N
     finally:
         del transport.allgather_object  # type: ignore[union-attr]
     all_ranks_agree(len(calls) <= 1, f"agreement collectives on per-call graphs: {len(calls)}")
+
+
+# ---------------------------------------------------------------- global ops
+#
+# A global op is a collective of every rank, so a divergence anywhere fails the call on every
+# rank (the healthy pairs too): each call starts with a call check that every rank makes.
+
+
+def global_call(op: str, tree: object) -> object:
+    """Run the global op ``op`` on ``tree`` (``barrier`` ignores it)."""
+    if op == "barrier":
+        bf.barrier()
+        return None
+    if op == "broadcast":
+        return bf.broadcast(tree, root=0)
+    fns = {"global_mean": bf.global_mean, "global_sum": bf.global_sum, "allgather": bf.allgather}
+    return fns[op](tree)
+
+
+def global_async(op: str, tree: object) -> object:
+    """The ``_async`` form of ``op``: the handle first, then its result."""
+    if op == "barrier":
+        return bf.barrier_async()
+    if op == "broadcast":
+        return bf.broadcast_async(tree, root=0)
+    fns = {"global_mean": bf.global_mean_async, "global_sum": bf.global_sum_async, "allgather": bf.allgather_async}
+    return fns[op](tree)
+
+
+GLOBAL_OPS = ("global_mean", "global_sum", "broadcast", "allgather", "barrier")
+
+
+def global_outcome(fn: object) -> str | None:
+    try:
+        fn()  # type: ignore[operator]
+    except bf.MismatchError as exc:
+        return str(exc)
+    return None
+
+
+def check_every_rank_failed(error: str | None, what: str, *needles: str) -> None:
+    """Every rank raised ``MismatchError`` whose message contains each of ``needles``."""
+    ok = error is not None and all(n in error for n in needles)
+    if not ok:
+        print(f"rank {ME}: {what}: {error}")
+    all_ranks_agree(ok, what)
+
+
+def check_world_usable(numel: int) -> None:
+    """A correct global call after the failure computes the exact mean (nothing left in flight)."""
+    x = torch.full((numel,), float(ME), dtype=torch.float64)
+    out = bf.global_mean(x)
+    all_ranks_agree(torch.equal(out, torch.full((numel,), (N - 1) / 2, dtype=torch.float64)), "usable afterwards")
+
+
+def _tree(numel: int) -> list[torch.Tensor]:
+    return [torch.full((numel,), float(ME), dtype=torch.float64)]
+
+
+# Each op's agreed tree and, for the "new pattern" cases, a tree of another structure; sizes
+# used by no other test (see the module docstring).
+_SIZES = dict(zip(GLOBAL_OPS, (29, 31, 37, 41, 43), strict=True))
+
+
+@pytest.mark.parametrize("op", GLOBAL_OPS)
+def test_global_op_against_a_new_pattern_of_it(op: str) -> None:
+    numel = _SIZES[op]
+    tree = _tree(numel)
+    global_call(op, tree)  # the pattern is agreed on every rank
+    other = {"k": tree} if op != "barrier" else None
+
+    def run() -> None:
+        if ME == 1 and op != "barrier":
+            global_call(op, other)  # a new pattern: rank 1 wants to agree first
+        elif ME == 1:
+            bf.global_mean({"k": tree})  # barrier has no pattern: a new global_mean instead
+        else:
+            global_call(op, tree)  # already agreed: straight to data
+
+    error = global_outcome(run)
+    check_every_rank_failed(error, f"{op} against a new pattern", "rank 1", "call #")
+    check_world_usable(numel)
+    resync()
+
+
+@pytest.mark.parametrize("op", GLOBAL_OPS)
+def test_global_op_against_another_global_op(op: str) -> None:
+    numel = _SIZES[op] + 100
+    tree = _tree(numel)
+    other = GLOBAL_OPS[(GLOBAL_OPS.index(op) + 1) % len(GLOBAL_OPS)]
+    global_call(op, tree)
+    global_call(other, tree)  # both patterns agreed
+
+    error = global_outcome(lambda: global_call(other if ME == 1 else op, tree))
+    check_every_rank_failed(error, f"{op} against {other}", f"but rank 1 called {other}", "call #")
+    check_world_usable(numel)
+    resync()
+
+
+@pytest.mark.parametrize("op", GLOBAL_OPS)
+def test_rank_making_one_global_call_fewer(op: str) -> None:
+    numel = _SIZES[op] + 200
+    tree = _tree(numel)
+    then = "global_sum" if op != "global_sum" else "global_mean"
+    global_call(op, tree)
+    global_call(then, tree)
+
+    def run() -> None:
+        if ME != 1:
+            global_call(op, tree)  # rank 1 skips it: its next call meets this one
+        global_call(then, tree)
+
+    error = global_outcome(run)
+    check_every_rank_failed(error, f"{op} skipped by rank 1", "rank 1", "call #")
+    check_world_usable(numel)
+    resync()
+
+
+@pytest.mark.parametrize("op", GLOBAL_OPS)
+def test_async_global_op_raises_at_wait_on_every_rank(op: str) -> None:
+    numel = _SIZES[op] + 300
+    tree = _tree(numel)
+    other = "broadcast" if op != "broadcast" else "global_mean"
+    global_call(op, tree)
+    global_call(other, tree)
+    handle = global_async(other if ME == 1 else op, tree)  # returns before the check completed
+    assert hasattr(handle, "wait")
+    error = global_outcome(handle.wait)  # type: ignore[attr-defined]
+    check_every_rank_failed(error, f"async {op} against {other}", "call #")
+    again = global_outcome(handle.wait)  # type: ignore[attr-defined]
+    all_ranks_agree(again == error, "a failed handle raises the same error again")
+    check_world_usable(numel)
+    resync()
+
+
+def test_agreed_global_ops_run_no_agreement_collective() -> None:
+    world = current()
+    transport = world.executor.transport  # type: ignore[attr-defined]
+    tree = _tree(47)
+    for op in GLOBAL_OPS:
+        global_call(op, tree)  # agreed
+    calls: list[object] = []
+    original = transport.allgather_object  # type: ignore[union-attr]
+
+    def counting(obj: object, what: str = "agreement") -> list[object]:
+        calls.append(obj)
+        return original(obj, what)
+
+    transport.allgather_object = counting  # type: ignore[union-attr,method-assign]
+    try:
+        for _ in range(3):
+            for op in GLOBAL_OPS:
+                global_call(op, tree)
+    finally:
+        del transport.allgather_object  # type: ignore[union-attr]
+    all_ranks_agree(not calls, f"agreement collectives on agreed global ops: {len(calls)}")
+
+
+@settings(max_examples=12, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    mine=st.sampled_from(GLOBAL_OPS), theirs=st.sampled_from(GLOBAL_OPS), rank=st.integers(0, 63),
+    new_pattern=st.booleans(),
+)
+def test_any_diverging_rank_and_op_pair_fails_everywhere(mine: str, theirs: str, rank: int, new_pattern: bool) -> None:
+    # derandomize: every rank draws the same examples, so they agree on who diverges and how.
+    odd = rank % N
+    numel = 53
+    tree = _tree(numel)
+    global_call(mine, tree)
+    global_call(theirs, tree)
+    their_tree: object = {"k": tree} if new_pattern else tree
+    if theirs == mine and (not new_pattern or mine == "barrier"):
+        theirs_call = "global_sum" if mine != "global_sum" else "global_mean"  # make them differ
+    else:
+        theirs_call = theirs
+    error = global_outcome(lambda: global_call(theirs_call, their_tree) if bf.rank() == odd else global_call(mine, tree))
+    check_every_rank_failed(error, f"rank {odd}: {theirs_call} against {mine}", f"rank {odd}", "call #")
+    check_world_usable(numel)
+    resync()
+
+
+def test_async_global_op_in_flight_while_a_rank_waits_on_a_neighbour_op() -> None:
+    # Rank 0 waits on its neighbour op while rank 1 waits on the global op first: rank 0's
+    # wait must post the global op's data (its call check is in), or both wait forever.
+    topo = pairs_graph(0.5)
+    x = torch.full((59,), float(ME), dtype=torch.float64)
+    bf.global_mean(x)
+    bf.neighbor_mean(x, topo)
+    handle = bf.global_mean_async(x)
+    if ME % 2 == 0:
+        mixed = bf.neighbor_mean(x, topo)
+        mean = handle.wait()
+    else:
+        mean = handle.wait()
+        mixed = bf.neighbor_mean(x, topo)
+    ok = torch.equal(mean, torch.full((59,), (N - 1) / 2, dtype=torch.float64))
+    ok = ok and torch.equal(mixed, torch.full((59,), (ME + PARTNER) / 2, dtype=torch.float64))
+    all_ranks_agree(ok, "async global op overlapping a neighbour op")
+
+
+def test_async_global_ops_in_flight_together_waited_in_any_order() -> None:
+    # Checks are posted in call order; data follows in call order whatever order the handles
+    # are waited in on each rank (here rank-dependent), so every result is exact.
+    x = torch.full((61,), float(ME), dtype=torch.float64)
+    for op in GLOBAL_OPS:
+        global_call(op, [x])
+    handles = [global_async(op, [x]) for op in GLOBAL_OPS]
+    order = range(len(handles)) if ME % 2 == 0 else reversed(range(len(handles)))
+    results = {i: handles[i].wait() for i in order}  # type: ignore[attr-defined]
+    mean = torch.full((61,), (N - 1) / 2, dtype=torch.float64)
+    gathered = torch.cat([torch.full((61,), float(r), dtype=torch.float64) for r in range(N)])
+    ok = (
+        torch.equal(results[0][0], mean) and torch.equal(results[1][0], mean * N)
+        and torch.equal(results[2][0], torch.zeros(61, dtype=torch.float64))
+        and torch.equal(results[3][0], gathered) and results[4] is None
+    )
+    all_ranks_agree(ok, "async global ops waited in any order")
