@@ -31,7 +31,16 @@ from .backend.kernels import combine_rows, combine_tensor_rows, uses_numba
 from .backend.shared_memory import Publication, SharedChannel, Subscription, Waiter, aligned
 from .backend.transport import Transport
 from .call_order import CallOrder, explain
-from .execute import Exchange, Resources, _leaf_views, _to_device, deliver, describe, output_groups
+from .execute import (
+    Exchange,
+    Resources,
+    _leaf_views,
+    _to_device,
+    deliver,
+    describe,
+    output_groups,
+    placed_groups,
+)
 from .plan import CommPlan, Layout
 
 if TYPE_CHECKING:
@@ -172,20 +181,17 @@ class SharedExchange:
     def _placed(self, tensors: Sequence[torch.Tensor]) -> tuple[int, int] | None:
         """``(segment, offset)`` when the leaves are exactly a ``bf.shared_tree`` region of this
         layout (every leaf a dense CPU view at its slot's place), else None."""
-        groups = self.plan.layout.groups
+        placed = placed_groups(self.plan.layout, tensors)
+        if placed is None:
+            return None
         base = None
-        for gi, g in enumerate(groups):
-            for slot in g.slots:
-                t = tensors[slot.leaf]
-                if slot.numel == 0:
-                    continue
-                if t.device.type != "cpu" or not t.is_contiguous():
-                    return None
-                where = self.offsets[gi] + slot.offset * g.dtype.itemsize
-                if base is None:
-                    base = t.data_ptr() - where
-                elif t.data_ptr() != base + where:
-                    return None
+        for g, buf, offset in zip(self.plan.layout.groups, placed, self.offsets, strict=True):
+            if g.numel == 0:
+                continue
+            if base is None:
+                base = buf.data_ptr() - offset
+            elif buf.data_ptr() != base + offset:  # the groups must also sit at their offsets
+                return None
         if base is None:
             return None
         return self.channel.owner_of(base, self.nbytes)

@@ -80,6 +80,8 @@ class World:
         For objects holding tensors in memory the world owns (``bf.shared_tree`` regions), so
         they can move them out before it is unmapped.
         """
+        # Collected owners' entries go here, so the list stays as long as the live owners.
+        self.closing = [ref for ref in self.closing if ref() is not None]
         self.closing.append(weakref.WeakMethod(method))
 
 
