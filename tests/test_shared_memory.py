@@ -234,7 +234,10 @@ def test_shared_trees_and_atc_parameters_outlive_shutdown() -> None:
         "model(torch.ones(1, 512)).sum().backward()\n"
         "opt.step()\n"
         "bf.shutdown()\n"
-        "print(bf.rank(), float(t['w'].sum()), float(r['w'][0]), float(model.weight.mean()), flush=True)\n"
+        # One write(2) per rank: under PYTHONUNBUFFERED print() writes each argument on its own,
+        # and mpiexec interleaves the ranks' pieces.
+        "line = f\"{bf.rank()} {float(t['w'].sum())} {float(r['w'][0])} {float(model.weight.mean())}\\n\"\n"
+        "os.write(1, line.encode())\n"
     )
     out, _ = run_job(2, body, timeout_s=30, shm="1")
     assert out.returncode == 0, out.stderr
