@@ -339,6 +339,9 @@ def entries(n: int, me: int) -> list[Entry]:
         Entry("topology.from_networkx", "from_networkx", lambda a: T.from_networkx(**a),
               lambda c: {"g": T.ring(3).to_networkx()}, {"g": typed(st.one_of(st.integers(), st.text(min_size=1, max_size=2), st.none()))},
               collective=False),
+        Entry("topology.draw", "topology.draw", lambda a: T.draw(**a), lambda c: {"topology": T.one_peer_exponential_two(4), "step": 1},
+              {"topology": typed(st.one_of(st.integers(), st.text(min_size=1, max_size=2), st.none())), "step": STEP},
+              collective=False),
     ]
     for method in ("in_neighbors", "out_neighbors", "self_weight", "recv_weights"):
         out.append(Entry(f"Topology.{method}", method, (lambda m: lambda a: getattr(a["self"], m)(a["rank"]))(method),
