@@ -95,7 +95,7 @@ class LocalTransport:
     size = 1
     timeout = 0.0
 
-    def begin_call(self, call: int, floor: int) -> None:
+    def begin_call(self, call: int, floor: int, messages: bool = True) -> None:
         return None
 
     def exchange(

@@ -205,6 +205,9 @@ class CallWire:
         self.calls = (1 << self.call_bits) - 1  # codes 1..calls
         self.kinds = int(tag_ub) >> self.call_bits  # kinds 1..kinds
         self.call: int | None = None  # the call this rank is making
+        # The current call is a global op: every rank calls collectives only, so a peer's
+        # point-to-point message of this call proves that the ranks diverged.
+        self.collective_only = False
         self.floor: int | None = None  # every call below it has posted all its receives
         self.open_code = 0  # ``floor`` as a code, for probes (0: unknown, nothing is stale)
         self._status = MPI.Status()
@@ -215,12 +218,14 @@ class CallWire:
         for hook in self.idle_hooks:
             hook()
 
-    def begin(self, call: int, floor: int) -> None:
+    def begin(self, call: int, floor: int, messages: bool = True) -> None:
         """This rank starts call ``call``; calls below ``floor`` have posted all their receives.
 
-        A message queued for this rank from a call below ``floor`` can never be received.
+        A message queued for this rank from a call below ``floor`` can never be received; so can
+        none of call ``call`` when it sends no ``messages`` (a global op).
         """
         self.call, self.floor = call, floor
+        self.collective_only = not messages
         self.open_code = self.code(floor)
         self.probe(call)
 
@@ -250,6 +255,18 @@ class CallWire:
             req = self.comm.Isend([np.zeros(0, np.uint8), MPI.BYTE], dest=peer, tag=self.code(call))
             if not req.Test():
                 req.Free()  # a zero-byte send completes eagerly; never wait on a peer here
+
+    def stray(self, peer: int, call: int) -> CallMismatchError:
+        """The error for a point-to-point message of call ``call`` from ``peer`` while this rank
+        makes a global op as that call; notifies the peer."""
+        self.notify(peer, call)
+        me = self.comm.Get_rank()
+        return CallMismatchError(
+            f"rank {peer} sent rank {me} a point-to-point message of call #{call} (a neighbour op "
+            f"or a window), but rank {me}'s call #{call} is a global op: the ranks' programs diverged; "
+            "the global op cannot complete (every global op of this world fails from here on)",
+            peer=peer, peer_call=call, call=call,
+        )
 
     def mismatch(self, peer: int, wire: int, expected: int | None, call: int | None) -> CallMismatchError:
         """The error for a message from ``peer`` with tag ``wire`` (``expected``: the tag this
@@ -294,6 +311,8 @@ class CallWire:
         if kind == 0:
             self.comm.Recv([np.zeros(0, np.uint8), MPI.BYTE], source=peer, tag=wire)
             raise self.mismatch(peer, wire, None, call)
+        if self.collective_only and call is not None and call == self.call and code == self.code(call):
+            raise self.stray(peer, call)
         if code and self.open_code and self.offset(code, self.open_code) < 0:
             raise self.mismatch(peer, wire, None, call)
 
@@ -433,6 +452,7 @@ class _Collective:
         probe: Callable[[], None] | None = None,
         size: int = 0,
         departures: _Departures | None = None,
+        abandoned: list[MPI.Request] | None = None,
     ) -> None:
         self._request = request
         self._what = what
@@ -440,6 +460,7 @@ class _Collective:
         self._probe = probe
         self._size = size
         self._departures = departures
+        self._abandoned = abandoned
         self._finished = False
 
     def done(self) -> bool:
@@ -448,7 +469,14 @@ class _Collective:
     def wait(self) -> None:
         if self._finished:
             return
-        _wait_all([self._request], self._timeout, self._what, None, self._probe, self._departures, self._size)
+        try:
+            _wait_all([self._request], self._timeout, self._what, None, self._probe, self._departures, self._size)
+        except BaseException:
+            # A collective cannot be cancelled: MPI may still write into its buffers (which the
+            # request object keeps alive) whenever the other ranks take part.
+            if self._abandoned is not None:
+                self._abandoned.append(self._request)
+            raise
         self._finished = True
 
 
@@ -488,6 +516,9 @@ class MpiTransport:
         self._held: collections.deque[HeldCall] = collections.deque()
         self._settling = False
         self.wire.idle_hooks.append(self._settle_ready)
+        # Collectives a failed wait gave up on (kept referenced, see _Collective.wait).
+        self.abandoned: list[MPI.Request] = []
+        self._collective_hooks: list[Callable[[int], None]] = []
 
     def close(self) -> None:
         """Leave the job: tell every rank, wait (bounded) until every rank left, release both
@@ -543,20 +574,36 @@ class MpiTransport:
             wire_tag, self.timeout, wire, call, what, self._departures,
         )
 
-    def begin_call(self, call: int, floor: int) -> None:
-        """Numbered call ``call`` starts; calls below ``floor`` have posted all their receives.
+    def begin_call(self, call: int, floor: int, messages: bool = True) -> None:
+        """Numbered call ``call`` starts; calls below ``floor`` have posted all their receives;
+        ``messages=False``: the call is a global op (collectives only).
         Raises ``CallMismatchError`` if a peer already proved that the ranks diverged."""
-        self.wire.begin(call, floor)
+        self.wire.begin(call, floor, messages)
+        if not messages:
+            self._check_collective_call()
+
+    def on_collective_wait(self, hook: Callable[[int], None]) -> None:
+        """Run ``hook(call)`` now and then while this rank waits in a global op numbered ``call``
+        (e.g. to look for a same-host peer's transfer of that call: it proves a divergence)."""
+        self._collective_hooks.append(hook)
+
+    def _check_collective_call(self) -> None:
+        call = self.wire.call
+        if self.wire.collective_only and call is not None:
+            for hook in self._collective_hooks:
+                hook(call)
 
     def _probe(self) -> None:
         self.wire.probe(self.wire.call)
+        self._check_collective_call()
         self.wire.idle()
 
     def _collective(self, request: MPI.Request, what: str) -> _Collective:
-        # A collective never marks its call posted: the transport cannot tell whether the call is
-        # a global op or the agreement of an exchange still to come (or deferred), so a message of
-        # the current call seen while waiting here is left for the next call's probe.
-        return _Collective(request, what, self.timeout, self._probe, self.size, self._departures)
+        # A collective never marks its call posted.  A message of the current call seen while
+        # waiting here is a divergence if the call is a global op (``begin_call(messages=False)``);
+        # otherwise the collective may be the agreement of an exchange still to come, and the
+        # message is left for that exchange or the next call's probe.
+        return _Collective(request, what, self.timeout, self._probe, self.size, self._departures, self.abandoned)
 
     def hold(self, call: HeldCall) -> None:
         """Keep ``call`` (its check in flight) until it is settled: before this rank posts any

@@ -373,6 +373,26 @@ class SharedChannel:
             self.notify(self.members[writer], call)
         return CallMismatchError(message, peer=self.members[writer], peer_call=peer_call, call=call)
 
+    def refuse_transfers(self, call: int) -> None:
+        """Raise ``CallMismatchError`` if a member announced a transfer of ``call`` to this rank
+        (this rank makes a global op as that call, so the ranks' programs diverged)."""
+        ctl = self.ctrl
+        for q in range(len(self.members)):
+            if q == self.me:
+                continue
+            # The two transfers a writer may have announced ahead of this rank's reads.
+            for n in (self.received[q] + 1, self.received[q] + 2):
+                base = self._mail(self.me, n)
+                if atomics.load(ctl[q], base + _SEQ) == n and int(ctl[q][base + _CALL]) == call:
+                    me = self.members[self.me]
+                    raise self.mismatch(
+                        q,
+                        f"rank {self.members[q]} sent rank {me} a same-host transfer of call #{call} (a neighbour "
+                        f"op), but rank {me}'s call #{call} is a global op: the ranks' programs diverged; the "
+                        "global op cannot complete (every global op of this world fails from here on)",
+                        call, call,
+                    )
+
     def poisoned_by(self, q: int) -> bool:
         """Whether member ``q`` found that its calls and this rank's diverged."""
         value = atomics.load(self.ctrl[q], self._poison)

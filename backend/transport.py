@@ -148,10 +148,12 @@ class Transport(Protocol):
         """
         ...
 
-    def begin_call(self, call: int, floor: int) -> None:
+    def begin_call(self, call: int, floor: int, messages: bool = True) -> None:
         """This rank starts its numbered call ``call`` (every rank numbers its calls alike);
         calls below ``floor`` have posted all their receives, so a peer's message queued for
-        one of them proves the ranks diverged: raise ``MismatchError`` naming the peer."""
+        one of them proves the ranks diverged: raise ``MismatchError`` naming the peer.
+        ``messages=False``: the call is a global op, so a peer's point-to-point message of
+        ``call`` itself proves it too (found while this rank waits in the op)."""
         ...
 
     def allreduce_sum(self, buf: np.ndarray, what: str = "global reduction") -> Pending:

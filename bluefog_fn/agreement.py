@@ -72,11 +72,14 @@ def describe_call(plan: CommPlan | None, dim0_free: bool = False, op: str = "bar
     }
 
 
-def number_call(world: World, transport: Transport, fn: str, step: int | None = None, graph: object = None) -> int:
-    """The next call number, after probing once for evidence that the ranks already diverged."""
+def number_call(
+    world: World, transport: Transport, fn: str, step: int | None = None, graph: object = None, *, messages: bool = True
+) -> int:
+    """The next call number, after probing once for evidence that the ranks already diverged
+    (``messages=False``: a global op, whose call no peer sends point-to-point messages for)."""
     call = world.calls.begin(fn, step, graph)
     try:
-        transport.begin_call(call, world.calls.floor())
+        transport.begin_call(call, world.calls.floor(), messages)
     except CallMismatchError as exc:
         raise explain(world.calls, world.rank, fn, exc) from None
     return call
@@ -125,7 +128,7 @@ def check_global(
     """
     if world.size == 1:
         return None
-    call = number_call(world, transport, fn)
+    call = number_call(world, transport, fn, messages=False)
     key = (fn,) if plan is None else agreement_key(plan, False)
     return CallCheck(world, transport, fn, call, key, lambda: describe_call(plan, dim0_free, fn))
 

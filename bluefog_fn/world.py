@@ -195,6 +195,7 @@ def _exchanges(transport: Any, machine: int, timeout: float, shm: bool | None) -
         departed=transport.departed,
     )
     transport.on_idle(channel.drain)  # a rank waiting on MPI never holds buffers its peers need
+    transport.on_collective_wait(channel.refuse_transfers)  # a peer's transfer of a global op's call
     return Exchanges(transport, channel, policy)
 
 

@@ -12,6 +12,8 @@ session, and a later test that expects its own first-call agreement must not fin
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -368,3 +370,54 @@ def test_async_global_ops_in_flight_together_waited_in_any_order() -> None:
         and torch.equal(results[3][0], gathered) and results[4] is None
     )
     all_ranks_agree(ok, "async global ops waited in any order")
+
+
+def join_abandoned_checks() -> None:
+    """Complete the call checks a failed global op left in flight on some ranks (a collective
+    cannot be cancelled): every other rank joins each of them, so later checks match again."""
+    transport = current().executor.transport  # type: ignore[attr-defined]
+    checks = transport._checks  # type: ignore[attr-defined]
+    counts = transport.comm.allgather(len(transport.abandoned))  # type: ignore[attr-defined]
+    requests = list(transport.abandoned)  # type: ignore[attr-defined]
+    transport.abandoned.clear()  # type: ignore[attr-defined]
+    for _ in range(max(counts) - len(requests)):
+        requests.append(checks.Iallreduce(MPI.IN_PLACE, np.zeros(3, np.int64), op=MPI.MAX))
+    deadline = time.monotonic() + 30
+    while not MPI.Request.Testall(requests):
+        assert time.monotonic() < deadline, f"rank {ME}: abandoned call checks did not complete: {counts}"
+        time.sleep(1e-3)
+
+
+@pytest.mark.parametrize("late", [0, 1], ids=["global-op-late", "neighbour-op-late"])
+def test_global_op_against_an_agreed_neighbour_op(late: int) -> None:
+    # Rank 0 calls global_mean where rank 1 calls an agreed neighbour op as the same call.  Rank 1's
+    # message (or same-host transfer) of that call reaches rank 0, before rank 0's op starts
+    # (late=0) or while it waits in it (late=1): both raise a mismatch at once, naming each
+    # other, instead of waiting for the timeout.  The other pairs mix among themselves.
+    topo = pairs_graph(0.5)
+    x = torch.full((67,), float(ME), dtype=torch.float64)
+    bf.global_mean(x)
+    bf.neighbor_mean(x, topo)  # both patterns agreed
+
+    def run() -> object:
+        if late == ME:
+            time.sleep(0.3)
+        return bf.global_mean(x) if ME == 0 else bf.neighbor_mean(x, topo)
+
+    start = time.monotonic()
+    error, mixed = outcome(run)
+    took = time.monotonic() - start
+    join_abandoned_checks()
+    resync()
+    if ME in (0, 1) and error is not None:
+        ok = "call #" in error and (ME == 1 or "is a global op" in error)
+        error = error if ok else None
+    check_pair_failed(error, f"global_mean against an agreed neighbour op, rank {late} late")
+    # Not a timing assertion: a timeout would have taken BLUEFOG_FN_TIMEOUT (>= 10 s in every run).
+    limit = current().executor.transport.timeout / 2  # type: ignore[attr-defined]
+    all_ranks_agree(ME > 1 or took < limit, f"the mismatch took {took:.1f} s")
+    if ME > 1:
+        all_ranks_agree(torch.equal(mixed, torch.full((67,), (ME + PARTNER) / 2, dtype=torch.float64)), "other pairs")
+    else:
+        all_ranks_agree(True, "other pairs")
+    check_world_usable(67)
