@@ -17,6 +17,7 @@ The model is an ordinary ``nn.Module`` trained with ``loss.backward()`` and a mo
 * ``awc``                — the averaging of the pre-step parameters overlaps the local step;
 * ``push_sum``           — push-sum over a one-sided window (column-stochastic shares);
 * ``win_put``            — the adapted parameters are put into the neighbours' windows;
+* ``pull_get``           — each rank gets its in-neighbours' adapted parameters from their windows;
 * ``hierarchical``       — the machine's ranks averaged, then the machines averaged over a
   one-peer exponential-2 graph of ``bf.machine_size()`` machines (with one machine, that is the
   global mean; ``BLUEFOG_FN_RANKS_PER_MACHINE`` pretends there are several).
@@ -48,7 +49,7 @@ from bluefog_fn import topology as T
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train_digits import CNN, load, report, save, shard  # data, model, report, figure
 
-STYLES = ("gradient_allreduce", "allreduce", "atc", "awc", "push_sum", "win_put", "hierarchical")
+STYLES = ("gradient_allreduce", "allreduce", "atc", "awc", "push_sum", "win_put", "pull_get", "hierarchical")
 DEFAULT = "gradient_allreduce,atc,awc"
 WARMUP_STEPS = 4  # covers the period of the one-peer graphs below for up to 16 ranks or machines
 

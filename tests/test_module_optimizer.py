@@ -13,7 +13,7 @@ import bluefog_fn as bf
 from bluefog_fn import topology as T
 from bluefog_fn.optim.buckets import form_buckets
 
-STYLES = ["atc", "awc", "gradient_allreduce", "allreduce", "push_sum", "win_put", "hierarchical"]
+STYLES = ["atc", "awc", "gradient_allreduce", "allreduce", "push_sum", "win_put", "pull_get", "hierarchical"]
 
 
 def _model() -> nn.Sequential:

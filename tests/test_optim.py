@@ -148,7 +148,7 @@ def test_decentralized_optimizer_validates_arguments() -> None:
         bf.optim.DecentralizedOptimizer(bf.optim.sgd(0.1), model, T.ring(N))  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"module must be a torch\.nn\.Module, got dict"):
         bf.optim.DecentralizedOptimizer(sgd, {}, T.ring(N))  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="style must be one of 'atc', 'awc', 'gradient_allreduce', 'allreduce', 'push_sum', 'win_put', 'hierarchical', got 'push'"):
+    with pytest.raises(ValueError, match="style must be one of 'atc', 'awc', 'gradient_allreduce', 'allreduce', 'push_sum', 'win_put', 'pull_get', 'hierarchical', got 'push'"):
         bf.optim.DecentralizedOptimizer(sgd, model, T.ring(N), style="push")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="communicate_every must be an int >= 1, got 0"):
         bf.optim.DecentralizedOptimizer(sgd, model, T.ring(N), communicate_every=0)

@@ -34,12 +34,12 @@ from .base import AnyTopology, check_number, fail
 from .buckets import BucketHooks, form_buckets
 from .module import _process_world
 
-Style = Literal["atc", "awc", "gradient_allreduce", "allreduce", "push_sum", "win_put", "hierarchical"]
-STYLES: tuple[str, ...] = ("atc", "awc", "gradient_allreduce", "allreduce", "push_sum", "win_put", "hierarchical")
+Style = Literal["atc", "awc", "gradient_allreduce", "allreduce", "push_sum", "win_put", "pull_get", "hierarchical"]
+STYLES: tuple[str, ...] = ("atc", "awc", "gradient_allreduce", "allreduce", "push_sum", "win_put", "pull_get", "hierarchical")
 # Exchanges started from gradient hooks: they need only what backward has produced.
 _HOOKED = ("awc", "gradient_allreduce")
 # One window over every parameter: no buckets.
-_WINDOWED = ("push_sum", "win_put")
+_WINDOWED = ("push_sum", "win_put", "pull_get")
 
 
 class DecentralizedOptimizer:
@@ -60,6 +60,10 @@ class DecentralizedOptimizer:
     * ``"win_put"``: ``L(x)`` is put into the out-neighbours' window slots, then
       ``x ← w_ii L(x)_i + Σ_j w_ij L(x)_j`` from the slots (BlueFog's
       ``DistributedWinPutOptimizer``; with a barrier after the puts, so it equals ``W · L(x)``);
+    * ``"pull_get"``: ``L(x)`` becomes this rank's window value, each rank gets its
+      in-neighbours' values into its slots, then ``x ← w_ii L(x)_i + Σ_j w_ij L(x)_j`` (BlueFog's
+      ``DistributedPullGetOptimizer``; with barriers around the gets, so it equals ``W · L(x)``;
+      ``dst_weights`` has no use in a pull and is ignored);
     * ``"hierarchical"``: ``x ← (W_M ⊗ I_L)(I_M ⊗ 11ᵀ/L) L(x)``
       (:func:`bluefog_fn.hierarchical_neighbor_mean`); ``topology`` is then the *machine*
       topology over ``bf.machine_size()`` machines.
@@ -73,8 +77,8 @@ class DecentralizedOptimizer:
     BlueFog's per-step knobs are attributes, read by every following communicating step until
     changed: ``self_weight``, ``src_weights`` and ``dst_weights`` (``None``: the topology's).
     They are passed to ``neighbor_mean`` (atc, awc), to the window's ``put``/``update``
-    (win_put) and, as machine weights, to ``hierarchical_neighbor_mean``; global averages and
-    push-sum ignore them.  Every rank must set them consistently, as with the ops.
+    (win_put; pull_get gets from the ranks of ``src_weights``) and, as machine weights, to
+    ``hierarchical_neighbor_mean``; global averages and push-sum ignore them.  Every rank must set them consistently, as with the ops.
 
     **Overlap.** The parameters are split into buckets of at most ``bucket_cap_mb`` megabytes
     in reverse registration order (as DDP), and each bucket is exchanged with the ``_async``
@@ -85,8 +89,8 @@ class DecentralizedOptimizer:
     ``allreduce`` and ``hierarchical`` the exchange needs ``L(x)``, which a generic
     ``torch.optim`` computes for all parameters at once in ``step()``: there every bucket is
     started right after the local step and they are waited for in order, so the later buckets'
-    messages travel while the earlier ones are combined.  ``push_sum`` and ``win_put``
-    move one window and ignore ``overlap``.  The results do not depend on ``overlap``: the
+    messages travel while the earlier ones are combined.  ``push_sum``, ``win_put`` and
+    ``pull_get`` move one window and ignore ``overlap``.  The results do not depend on ``overlap``: the
     same buckets carry the same values either way.  Exchanges always start in bucket order (a
     bucket completed by backward before an earlier one waits for it), so every rank issues the
     same ops in the same order whatever order its hooks fire in.  A parameter used twice in a
@@ -115,7 +119,7 @@ class DecentralizedOptimizer:
             (``"hierarchical"``: of ``bf.machine_size()`` machines; unused by the allreduce styles
             but checked).
         style: one of ``"atc"``, ``"awc"``, ``"gradient_allreduce"``, ``"allreduce"``,
-            ``"push_sum"``, ``"win_put"``, ``"hierarchical"``.
+            ``"push_sum"``, ``"win_put"``, ``"pull_get"``, ``"hierarchical"``.
         communicate_every: communicate only every ``k``-th step (local steps in between).
         global_every: for atc/awc/hierarchical, every ``m``-th step average globally instead.
         overlap: start exchanges from gradient hooks where the style allows (see above).
@@ -504,6 +508,16 @@ class DecentralizedOptimizer:
                 self._numerator, self._weight = list(numerator), weight
                 for p, u in zip(params, self._numerator, strict=True):
                     p.copy_(u / weight.to(u.dtype))
+            elif self.style == "pull_get":
+                # The own value becomes L(x) (an update that reads no slot), then every rank pulls.
+                window.update(adapted, self_weight=1.0, src_weights={}, step=rnd)
+                barrier()  # every rank's value is L(x) before anyone reads it
+                sources = None if self.src_weights is None else dict.fromkeys(self.src_weights, 1.0)
+                window.get(sources, step=rnd)
+                barrier()  # every read is done before the update below changes the values read
+                mixed = window.update(self_weight=self.self_weight, src_weights=self.src_weights, step=rnd)
+                for p, m in zip(params, mixed, strict=True):
+                    p.copy_(m)
             else:
                 window.put(adapted, self.dst_weights, step=rnd)
                 barrier()  # every put has landed before anyone combines
@@ -545,12 +559,12 @@ class DecentralizedOptimizer:
         if self.style == "push_sum":
             self._numerator = [u.detach().clone().to(p.dtype) for u, p in zip(state["numerator"], self._params, strict=True)]
             self._weight = state["weight"].detach().clone().to(torch.float64)
-        if self.style == "win_put":
+        if self.style in ("win_put", "pull_get"):
             with torch.no_grad():
                 self._numerator = [p.detach().clone() for p in self._params]
 
     def free(self) -> None:
-        """Release the window of ``"push_sum"``/``"win_put"`` (collective) and the gradient hooks."""
+        """Release the window of ``"push_sum"``/``"win_put"``/``"pull_get"`` (collective) and the gradient hooks."""
         if self._hooks is not None:
             self._hooks.remove()
             self._hooks = None

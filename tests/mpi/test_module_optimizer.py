@@ -27,7 +27,7 @@ N = bf.size()
 ME = bf.rank()
 M, L = bf.machine_size(), bf.local_size()
 LR = 0.05
-STYLES = ["atc", "awc", "gradient_allreduce", "allreduce", "push_sum", "win_put", "hierarchical"]
+STYLES = ["atc", "awc", "gradient_allreduce", "allreduce", "push_sum", "win_put", "pull_get", "hierarchical"]
 pytestmark = pytest.mark.timeout(120)
 
 
@@ -238,7 +238,7 @@ def _in_weights(opt: bf.optim.DecentralizedOptimizer) -> None:
 
 
 @pytest.mark.skipif(N < 2, reason="needs neighbours")
-@pytest.mark.parametrize("style", ["atc", "win_put"])
+@pytest.mark.parametrize("style", ["atc", "win_put", "pull_get"])
 def test_self_and_src_weight_knobs_are_used(style: str) -> None:
     """A fixed (graph-0) reweighting applied at every step: x ← W' L(x)."""
     model, opt = _train(style, "plain", 1, knobs=_in_weights)
