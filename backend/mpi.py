@@ -578,9 +578,9 @@ class MpiTransport:
         """Numbered call ``call`` starts; calls below ``floor`` have posted all their receives;
         ``messages=False``: the call is a global op (collectives only).
         Raises ``CallMismatchError`` if a peer already proved that the ranks diverged."""
+        # The same-host check (on_collective_wait) runs only in waits: a global op that a peer's
+        # neighbour op diverged from cannot complete, so it always waits; its start stays cheap.
         self.wire.begin(call, floor, messages)
-        if not messages:
-            self._check_collective_call()
 
     def on_collective_wait(self, hook: Callable[[int], None]) -> None:
         """Run ``hook(call)`` now and then while this rank waits in a global op numbered ``call``
