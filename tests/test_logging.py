@@ -101,7 +101,7 @@ def test_mpi_world_logs_with_each_rank_and_warns_about_thread_multiple() -> None
 
 def test_the_library_never_prints() -> None:
     """Only the command-line entry points (bfrun and its job watcher, the commands) write to stdout; the library logs."""
-    allowed = {"cli.py", "launch_watch.py", "__main__.py", "timeline_merge.py"}  # bfrun and commands
+    allowed = {"cli.py", "launch_watch.py", "__main__.py", "timeline_merge.py", "timeline_summary.py"}  # bfrun and commands
     offenders = []
     for base in ("bluefog_fn", "backend"):
         for path in sorted((ROOT / base).rglob("*.py")):

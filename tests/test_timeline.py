@@ -20,6 +20,8 @@ import bluefog_fn as bf
 from bluefog_fn import world
 from bluefog_fn.timeline import PHASES, Timeline, part_path
 from bluefog_fn.timeline_merge import merge, read_part
+from bluefog_fn.timeline_summary import main as summary_main
+from bluefog_fn.timeline_summary import summarize
 
 BFRUN = os.path.join(os.path.dirname(sys.executable), "bfrun")
 ENV = {**os.environ, "BLUEFOG_FN_TIMEOUT": "30", "PYTHONHASHSEED": "0"}
@@ -116,6 +118,40 @@ def test_every_op_records_its_phases_in_order(recording: Timeline) -> None:
         assert f["ts"] <= op["ts"] and op["ts"] + op["dur"] <= f["ts"] + f["dur"] + 1e-3
     meta = {(e["name"], e["args"]["name"]) for e in events if e["ph"] == "M" and e["name"] == "process_name"}
     assert len(meta) == 1 and next(iter(meta))[1].startswith("rank 0")
+
+
+@pytest.mark.parametrize("style", ["atc", "awc", "gradient_allreduce", "win_put"])
+def test_module_optimizer_steps_are_ops_with_phases_and_forwards_are_activities(recording: Timeline, style: str) -> None:
+    model = torch.nn.Linear(3, 2)
+    opt = bf.optim.DecentralizedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), model, bf.topology.ring(bf.size()), style=style,  # type: ignore[arg-type]
+        communicate_every=2,
+    )
+    for _ in range(2):
+        model(torch.ones(4, 3)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    opt.free()
+    model(torch.ones(1, 3))  # free() removed the forward hooks: not recorded
+    recording.close()
+    merge(recording.path)
+    events = load(recording.path)
+    found = [(op, phases) for op, phases in ops_with_phases(events, 0) if op["name"] == "DecentralizedOptimizer.step"]
+    assert [(op["args"]["step"], op["args"]["communicates"], op["args"]["style"]) for op, _ in found] == [
+        (0, False, style), (1, True, style)
+    ]
+    communicating = {
+        "atc": ["local step", "send", "wait"], "awc": ["local step", "combine"],
+        "gradient_allreduce": ["wait", "local step"], "win_put": ["local step", "window"],
+    }[style]
+    assert [[p["name"] for p in phases] for _, phases in found] == [["local step"], communicating]
+    exchange = {"atc": "neighbor_mean", "awc": "neighbor_mean", "gradient_allreduce": "global_mean"}.get(style, "Window.put")
+    step = found[1][0]
+    inside = [e for e in events if e.get("cat") == "op" and e["name"] == exchange and e["ts"] + e["dur"] <= step["ts"] + step["dur"] + 1e-3]
+    assert inside, f"no {exchange} op ends inside the communicating step"
+    forwards = [e for e in events if e.get("cat") == "activity"]
+    assert [(e["name"], e["args"]) for e in forwards] == [("forward", {"module": "Linear"})] * 2
+    assert forwards[1]["ts"] + forwards[1]["dur"] <= step["ts"]
 
 
 def test_activity_is_a_decorator_and_nests(recording: Timeline) -> None:
@@ -226,6 +262,13 @@ def test_four_rank_job_writes_one_trace_with_a_track_per_rank(tmp_path: Path) ->
     # One clock for all ranks: every rank's first op starts within a few seconds of the others'.
     starts = [min(e["ts"] for e in events if e.get("pid") == r and e.get("cat") == "op") for r in range(4)]
     assert max(starts) - min(starts) < 30e6
+    # The summary counts every rank's calls: 4 neighbour ops and 4 forwards per rank.
+    summary = summarize(events)
+    rows = {row.name: row for row in summary.rows}
+    assert summary.ranks == [0, 1, 2, 3]
+    assert rows["neighbor_mean"].calls == {r: 4 for r in range(4)}
+    assert rows["forward"].kind == "activity" and rows["forward"].calls == {r: 4 for r in range(4)}
+    assert {"trace", "pack", "send", "wait"} <= set(rows["neighbor_mean"].phases)
 
 
 def test_killed_rank_still_leaves_a_valid_partial_trace(tmp_path: Path) -> None:
@@ -241,3 +284,46 @@ def test_killed_rank_still_leaves_a_valid_partial_trace(tmp_path: Path) -> None:
     for r in (0, 2, 3):
         done = [op["name"] for op, _ in ops_with_phases(events, r)]
         assert done[:2] == ["neighbor_mean", "neighbor_mean"]
+
+
+def _span(name: str, cat: str, ts: float, dur: float, pid: int = 0, tid: int = 0) -> dict[str, Any]:
+    return {"name": name, "cat": cat, "ph": "X", "ts": ts, "dur": dur, "pid": pid, "tid": tid}
+
+
+def test_summary_gives_each_phase_to_the_op_around_it_on_its_lane(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    events = [
+        _span("DecentralizedOptimizer.step", "op", 0, 100),  # lane 0 of rank 0
+        _span("local step", "phase", 0, 30),
+        _span("neighbor_mean", "op", 40, 20, tid=1),  # overlapping: lane 1
+        _span("wait", "phase", 45, 10, tid=1),
+        _span("wait", "phase", 60, 40),  # the step's, not neighbor_mean's (lane 0)
+        _span("neighbor_mean", "op", 200, 50),  # lane 0 again, later
+        _span("wait", "phase", 210, 30),
+        _span("forward", "activity", 100, 90, tid=1000),
+        _span("neighbor_mean", "op", 0, 300, pid=1),  # rank 1: slower
+        _span("wait", "phase", 10, 280, pid=1),
+        {"name": "process_name", "ph": "M", "pid": 0, "tid": 0, "args": {"name": "rank 0"}},
+    ]
+    s = summarize(events)
+    rows = {r.name: r for r in s.rows}
+    assert [r.name for r in s.rows] == ["neighbor_mean", "DecentralizedOptimizer.step", "forward"]  # ops by total, then activities
+    assert s.ranks == [0, 1] and s.span_us == {0: 250.0, 1: 300.0}
+    step, mix = rows["DecentralizedOptimizer.step"], rows["neighbor_mean"]
+    assert step.phases["local step"].total_us == {0: 30.0} and step.phases["wait"].total_us == {0: 40.0}
+    assert mix.calls == {0: 2, 1: 1} and mix.total_us == {0: 70.0, 1: 300.0}
+    assert mix.phases["wait"].total_us == {0: 40.0, 1: 280.0}
+    only = summarize(events, rank=1)
+    assert [r.name for r in only.rows] == ["neighbor_mean"] and only.ranks == [1]
+    table = s.table()
+    assert "2 rank(s)" in table and "forward (activity)" in table
+    mix_line = next(line for line in table.splitlines() if line.startswith("neighbor_mean"))
+    calls, _, per_call = mix_line.split()[1:4]
+    assert (calls, per_call) == ("1.5", "0.123")  # calls per rank; ms per call (370 µs / 3 calls)
+    assert mix_line.endswith("1: 0.30")  # the slowest rank and its total
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
+    assert summary_main([str(path), "--rank", "0"]) == 0
+    assert "DecentralizedOptimizer.step" in capsys.readouterr().out
+    assert summary_main([str(path), "--rank", "7"]) == 1
+    assert summary_main([str(tmp_path / "missing.json")]) == 1
+    assert summary_main([]) == 2

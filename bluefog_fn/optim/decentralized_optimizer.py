@@ -18,6 +18,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from .. import timeline
 from ..backend.errors import MismatchError
 from ..ops import (
     barrier,
@@ -40,6 +41,28 @@ STYLES: tuple[str, ...] = ("atc", "awc", "gradient_allreduce", "allreduce", "pus
 _HOOKED = ("awc", "gradient_allreduce")
 # One window over every parameter: no buckets.
 _WINDOWED = ("push_sum", "win_put", "pull_get")
+
+
+def _phases(span: timeline.Span | None) -> Callable[[str], None]:
+    """``span.phase``, or a no-op without a timeline."""
+    return span.phase if span is not None else _no_phase
+
+
+def _no_phase(name: str) -> None:
+    return None
+
+
+def _record_forward(module: nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
+    """Hooks that record each ``module(...)`` call as a ``forward`` activity on the timeline."""
+    forward = timeline.activity("forward", module=type(module).__name__)  # a stack: calls may nest
+
+    def before(_module: nn.Module, _args: Any) -> None:
+        forward.__enter__()
+
+    def after(_module: nn.Module, _args: Any, _out: Any) -> None:
+        forward.__exit__()
+
+    return [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
 
 
 class DecentralizedOptimizer:
@@ -203,6 +226,8 @@ class DecentralizedOptimizer:
         if style == "atc" and all(p.device.type == "cpu" for p in params):
             self._homes = [self._make_home(idx) for idx in self._buckets]
             world.on_close(self._leave_homes)
+        # With a timeline, the module's forward passes are activities next to the step's op.
+        self._forward_hooks = _record_forward(module) if timeline.enabled() else []
         self._window: Window | None = None
         self._numerator: list[torch.Tensor] = []
         self._weight = torch.ones((), dtype=torch.float64)
@@ -427,14 +452,27 @@ class DecentralizedOptimizer:
     # ------------------------------------------------------------------------ step
 
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """One local step of the wrapped optimizer plus the style's averaging; returns the closure's loss."""
+        """One local step of the wrapped optimizer plus the style's averaging; returns the closure's loss.
+
+        With a timeline (``bfrun --timeline``) the step is an op ``DecentralizedOptimizer.step``
+        whose phases say where its time went: ``local step`` (the wrapped optimizer), ``wait``
+        (for exchanges still in flight), ``combine``, ``send`` (starting exchanges) or ``window``.
+        """
         k = self._steps
+        with timeline.op("DecentralizedOptimizer.step", style=self.style, step=k,
+                         communicates=self._communicates(k)) as span:
+            loss = self._step(closure, k, _phases(span))
+        self._steps = k + 1
+        return loss
+
+    def _step(self, closure: Callable[[], float] | None, k: int, phase: Callable[[str], None]) -> float | None:
         if self.style in _WINDOWED:
-            loss = self._step_window(closure, k)
-        elif not self._communicates(k):
+            return self._step_window(closure, k, phase)
+        if not self._communicates(k):
             if self._hooks is not None:
                 self._hooks.reset()
             loss = self.optimizer.step(closure)
+            phase("local step")
         elif self.style == "gradient_allreduce":
             if closure is not None:
                 raise fail("DecentralizedOptimizer.step", "style 'gradient_allreduce' averages the gradients of "
@@ -446,19 +484,24 @@ class DecentralizedOptimizer:
                         # The mean is a fresh tensor nobody else holds: it becomes the gradient
                         # (as after zero_grad(set_to_none=True)) instead of being copied into it.
                         self._params[i].grad = m
+            phase("wait")
             loss = self.optimizer.step()
+            phase("local step")
         elif self.style == "awc":
             # With hooks, a closure's backward fires them, so their handles are collected after it.
             early = self._hooked_handles() if self._hooks is None or closure is None else []
             loss = self.optimizer.step(closure)
+            phase("local step")
             handles = early or self._hooked_handles()
             with torch.no_grad():
                 for b, h in handles:
                     for i, x0, m in zip(self._buckets[b], self._before[b], h.wait(), strict=True):
                         # (L(x) − x) + W x in place: the same bits as m + (p − x0), no temporaries.
                         self._params[i].sub_(x0).add_(m)
+            phase("combine")
         else:  # atc, allreduce, hierarchical: combine the adapted parameters
             loss = self.optimizer.step(closure)
+            phase("local step")
             homes = self._check_homes() if self._homes is not None and not self._is_global(k) else None
             started: list[tuple[int, Handle[Any], list[list[torch.Tensor]] | None]] = []
             for b, idx in enumerate(self._buckets):
@@ -467,6 +510,7 @@ class DecentralizedOptimizer:
                     started.append((b, self._exchange([self._params[i].detach() for i in idx], k), home))
                 else:  # the result is written into the other buffer
                     started.append((b, self._exchange(home[0], k, out=home[1]), home))
+            phase("send")
             with torch.no_grad():
                 for b, h, home in started:
                     if home is None:
@@ -477,10 +521,10 @@ class DecentralizedOptimizer:
                     for i, leaf in zip(self._buckets[b], home[1], strict=True):
                         self._params[i].data = leaf
                     home.reverse()
-        self._steps = k + 1
+            phase("wait")  # each bucket's wait, then its copy back or swap
         return loss
 
-    def _step_window(self, closure: Callable[[], float] | None, k: int) -> float | None:
+    def _step_window(self, closure: Callable[[], float] | None, k: int, phase: Callable[[str], None]) -> float | None:
         params, window = self._params, self._window
         assert window is not None
         rnd = k // self._mixing.communicate_every
@@ -490,6 +534,7 @@ class DecentralizedOptimizer:
                 for p, u in zip(params, self._numerator, strict=True):
                     p.copy_(u)
         loss = self.optimizer.step(closure)
+        phase("local step")
         with torch.no_grad():
             adapted = [p.detach().clone() for p in params]
             if not self._communicates(k):
@@ -527,6 +572,7 @@ class DecentralizedOptimizer:
                 barrier()  # nobody puts the next step's values into a slot still being read
                 for p, m in zip(params, mixed, strict=True):
                     p.copy_(m)
+        phase("window")
         return loss
 
     # ------------------------------------------------------------------------ state
@@ -568,6 +614,9 @@ class DecentralizedOptimizer:
         if self._hooks is not None:
             self._hooks.remove()
             self._hooks = None
+        for hook in self._forward_hooks:
+            hook.remove()
+        self._forward_hooks = []
         self._leave_homes()
         if self._window is not None:
             self._window.free()
