@@ -101,7 +101,8 @@ class DecentralizedOptimizer:
     changed: ``self_weight``, ``src_weights`` and ``dst_weights`` (``None``: the topology's).
     They are passed to ``neighbor_mean`` (atc, awc), to the window's ``put``/``update``
     (win_put; pull_get gets from the ranks of ``src_weights``) and, as machine weights, to
-    ``hierarchical_neighbor_mean``; global averages and push-sum ignore them.  Every rank must set them consistently, as with the ops.
+    ``hierarchical_neighbor_mean``; global averages and push-sum ignore them.  Every rank must
+    set them consistently, as with the ops.
 
     **Overlap.** The parameters are split into buckets of at most ``bucket_cap_mb`` megabytes
     in reverse registration order (as DDP), and each bucket is exchanged with the ``_async``
@@ -113,8 +114,8 @@ class DecentralizedOptimizer:
     ``torch.optim`` computes for all parameters at once in ``step()``: there every bucket is
     started right after the local step and they are waited for in order, so the later buckets'
     messages travel while the earlier ones are combined.  ``push_sum``, ``win_put`` and
-    ``pull_get`` move one window and ignore ``overlap``.  The results do not depend on ``overlap``: the
-    same buckets carry the same values either way.  Exchanges always start in bucket order (a
+    ``pull_get`` move one window and ignore ``overlap``.  The results do not depend on
+    ``overlap``: the same buckets carry the same values either way.  Exchanges always start in bucket order (a
     bucket completed by backward before an earlier one waits for it), so every rank issues the
     same ops in the same order whatever order its hooks fire in.  A parameter used twice in a
     forward pass fires its hook once, after accumulation; a second ``backward()`` before
