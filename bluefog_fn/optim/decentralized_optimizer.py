@@ -104,6 +104,14 @@ class DecentralizedOptimizer:
     ``hierarchical_neighbor_mean``; global averages and push-sum ignore them.  Every rank must
     set them consistently, as with the ops.
 
+    ``force_barrier`` (BlueFog's attribute; ``True`` by default here) applies to the window
+    styles: with it, their steps are separated by barriers and equal the formulas above.  Set to
+    ``False`` (BlueFog's default for win_put and pull_get), a step waits for no other rank: it
+    combines whatever its neighbours last put (win_put, whose slots start with the neighbours'
+    initial values), hold now (pull_get) or pushed so far (push_sum, which still conserves the
+    mass), so results depend on timing and ranks may even make different numbers of steps.  It
+    may be changed between steps, on every rank alike.
+
     **Overlap.** The parameters are split into buckets of at most ``bucket_cap_mb`` megabytes
     in reverse registration order (as DDP), and each bucket is exchanged with the ``_async``
     op.  With ``overlap=True``, for ``awc`` and ``gradient_allreduce`` a bucket's exchange
@@ -209,6 +217,7 @@ class DecentralizedOptimizer:
         self.self_weight: float | None = None
         self.src_weights: Any = None
         self.dst_weights: Any = None
+        self.force_barrier = True
         self._params = params
         self._steps = 0
         self._buckets = form_buckets(params, int(cap * 2**20))
@@ -237,6 +246,11 @@ class DecentralizedOptimizer:
                 self._numerator = [p.detach().clone() for p in params]
             tree: Any = (self._numerator, self._weight) if style == "push_sum" else self._numerator
             self._window = Window(tree, topology)  # collective
+            if style == "win_put":
+                # The slots start with the senders' values, not zeros (BlueFog's win_create): a
+                # step without barriers may combine a slot before its sender's first put.
+                self._window.put(tree, dict.fromkeys(self._window.out_neighbors(world.rank), 1.0))
+                barrier()
 
     # ------------------------------------------------------------------------ properties
 
@@ -548,33 +562,37 @@ class DecentralizedOptimizer:
                 share = window.uniform_share(rnd)
                 pushed = ([u * share.to(u.dtype) for u in adapted], self._weight * share)
                 window.accumulate(pushed, step=rnd)
-                barrier()
+                self._barrier()
                 numerator, weight = window.collect(pushed, step=rnd)
-                barrier()
+                self._barrier()
                 self._numerator, self._weight = list(numerator), weight
                 for p, u in zip(params, self._numerator, strict=True):
                     p.copy_(u / weight.to(u.dtype))
             elif self.style == "pull_get":
                 # The own value becomes L(x) (an update that reads no slot), then every rank pulls.
                 window.update(adapted, self_weight=1.0, src_weights={}, step=rnd)
-                barrier()  # every rank's value is L(x) before anyone reads it
+                self._barrier()  # every rank's value is L(x) before anyone reads it
                 sources = None if self.src_weights is None else dict.fromkeys(self.src_weights, 1.0)
                 window.get(sources, step=rnd)
-                barrier()  # every read is done before the update below changes the values read
+                self._barrier()  # every read is done before the update below changes the values read
                 mixed = window.update(self_weight=self.self_weight, src_weights=self.src_weights, step=rnd)
                 for p, m in zip(params, mixed, strict=True):
                     p.copy_(m)
             else:
                 window.put(adapted, self.dst_weights, step=rnd)
-                barrier()  # every put has landed before anyone combines
+                self._barrier()  # every put has landed before anyone combines
                 mixed = window.update(
                     adapted, self_weight=self.self_weight, src_weights=self.src_weights, step=rnd
                 )
-                barrier()  # nobody puts the next step's values into a slot still being read
+                self._barrier()  # nobody puts the next step's values into a slot still being read
                 for p, m in zip(params, mixed, strict=True):
                     p.copy_(m)
         phase("window")
         return loss
+
+    def _barrier(self) -> None:
+        if self.force_barrier:
+            barrier()
 
     # ------------------------------------------------------------------------ state
 

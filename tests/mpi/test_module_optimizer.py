@@ -420,3 +420,34 @@ def test_ranks_disagreeing_about_no_sync_all_raise_a_mismatch_error(style: str, 
         print(f"rank {ME}: {style}: {error!r}")
     all_ranks_agree(ok, f"{style}: a rank did not raise MismatchError")
     opt.free()
+
+
+@pytest.mark.skipif(N < 2, reason="needs neighbours")
+@pytest.mark.parametrize("style", ["win_put", "pull_get", "push_sum"])
+def test_without_barriers_ranks_step_on_their_own(style: str) -> None:
+    """``force_barrier=False``: a step waits for no rank, so ranks may even make different numbers
+    of steps.  With ``lr=0`` every parameter stays a convex combination of the ranks' initial
+    values ``r + 1`` (a slot read before its sender's first put, if it held zeros, would break
+    that), and for win_put and pull_get mixing happened whatever the timing: the slots start with
+    the neighbours' values (win_put) and a get reads them (pull_get), so no rank keeps its own
+    value.  (A push-sum rank may collect before any push arrived: it may keep its value.)"""
+    model = _net("plain")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(ME + 1.0)
+    opt = bf.optim.DecentralizedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.0), model, _topology(style), style=style,  # type: ignore[arg-type]
+    )
+    opt.force_barrier = False
+    a, b = _data(ME)
+    for _ in range(3 + 2 * ME):  # a different number of steps on every rank
+        opt.zero_grad()
+        ((model(a) - b) ** 2).sum().backward()
+        opt.step()
+    opt.free()  # collective: the ranks meet here, bounded by the timeout
+    values = torch.cat([p.detach().reshape(-1) for p in _trainable(model).values()])
+    inside = bool(((values >= 1.0 - 1e-12) & (values <= N + 1e-12)).all())
+    all_ranks_agree(inside, f"{style}: a value left the hull [1, {N}]: {values.min():.4f}..{values.max():.4f}")
+    mixed = style == "push_sum" or not bool((values == ME + 1.0).all())
+    all_ranks_agree(mixed, f"{style}: rank {ME} kept its own value: no mixing")
+    all_ranks_agree(opt.steps == 3 + 2 * ME, "each rank counted its own steps")
