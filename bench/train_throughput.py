@@ -15,6 +15,9 @@ in the same run, in the same order on every rank, each with the same number of t
   arithmetic as DDP, over bluefog-fn's MPI transport;
 * ``atc`` / ``awc``        — ``style="atc"`` / ``"awc"`` over ``one_peer_exponential_two(n)``:
   one message of the model's size per step;
+* ``win_put`` / ``pull_get`` — the window styles over the same graph, with barriers around the
+  window operations (``force_barrier=True``, the default: the same values as atc) and without
+  (``False``, BlueFog's default: no rank waits for another; the overlap column reads ``async``);
 
 each decentralized row with ``overlap=True`` and ``overlap=False`` (for ``atc`` the two run the
 same code — its exchange needs the local step's result, so overlap changes nothing — and their
@@ -114,6 +117,7 @@ class Row:
     label: str
     style: str | None
     overlap: bool
+    barrier: bool = True  # the window styles' force_barrier
 
 
 ROWS: dict[str, list[Row]] = {
@@ -125,7 +129,12 @@ ROWS: dict[str, list[Row]] = {
     ],
     "atc": [Row("bf atc one-peer exp-2", "atc", True), Row("bf atc one-peer exp-2", "atc", False)],
     "awc": [Row("bf awc one-peer exp-2", "awc", True), Row("bf awc one-peer exp-2", "awc", False)],
+    "win_put": [Row("bf win_put one-peer exp-2", "win_put", True),
+                Row("bf win_put one-peer exp-2", "win_put", True, barrier=False)],
+    "pull_get": [Row("bf pull_get one-peer exp-2", "pull_get", True),
+                 Row("bf pull_get one-peer exp-2", "pull_get", True, barrier=False)],
 }
+_WINDOWED = ("win_put", "pull_get")
 
 
 def free_port() -> int:
@@ -162,6 +171,7 @@ def build(row: Row, args: argparse.Namespace) -> tuple[Step, Callable[[], None]]
         opt = bf.optim.DecentralizedOptimizer(
             sgd, model, topo, style=row.style, overlap=row.overlap, bucket_cap_mb=args.bucket_cap_mb,  # type: ignore[arg-type]
         )
+        opt.force_barrier = row.barrier
 
     def step() -> None:
         opt.zero_grad()
@@ -245,13 +255,16 @@ def main() -> None:
           f"{threads} thread(s) on {cores} cores ({over}); {args.rounds} round(s) x {args.iters} timed steps "
           f"per row after {args.warmup} warm-up; load average {load_before[0]:.2f} before, {load_after[0]:.2f} after")
     print("img/s from the median step time (per rank; total = x ranks) and from the mean step time")
-    print(f"{'row':24} {'overlap':>7} {'per rank':>9} {'total':>8} {'x DDP':>6} {'mean: per rank':>15} {'x DDP':>6}")
+    print(f"{'row':26} {'overlap':>7} {'per rank':>9} {'total':>8} {'x DDP':>6} {'mean: per rank':>15} {'x DDP':>6}")
     for row in rows:
         med, mean = rate[row]
         r_med = f"{med / base[0]:6.2f}" if base is not None else f"{'-':>6}"
         r_mean = f"{mean / base[1]:6.2f}" if base is not None else f"{'-':>6}"
-        overlap = "-" if row.style in (None, "local") else ("on" if row.overlap else "off")
-        print(f"{row.label:24} {overlap:>7} {med:9.1f} {med * n:8.1f} {r_med} {mean:15.1f} {r_mean}")
+        if row.style in _WINDOWED:
+            overlap = "barrier" if row.barrier else "async"
+        else:
+            overlap = "-" if row.style in (None, "local") else ("on" if row.overlap else "off")
+        print(f"{row.label:26} {overlap:>7} {med:9.1f} {med * n:8.1f} {r_med} {mean:15.1f} {r_mean}")
 
 
 if __name__ == "__main__":
