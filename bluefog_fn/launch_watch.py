@@ -3,8 +3,10 @@
 The ranks of a job started by ``bfrun`` share a private directory (``BLUEFOG_FN_JOB_DIR``), where
 each writes its pid when it starts and a failure record when it fails with an uncaught
 exception (:mod:`bluefog_fn.failure`).  While mpiexec runs, the watch notes when each rank's
-process disappears; once a failure is recorded it gives the job :data:`GRACE_SECONDS` to end by
-itself (the failing rank aborts it) before ending it.  When the job has failed, every process
+process disappears; once a failure is recorded, or a rank ended inside MPI's initialization (its
+``BLUEFOG_FN_INIT_TIMEOUT``: the job can never start, and mpiexec may not have noticed a rank
+that had not reached it yet), it gives the job :data:`GRACE_SECONDS` to end by itself (the
+failing rank aborts it) before ending it.  When the job has failed, every process
 still carrying the job's directory in its environment (ranks, and anything they started) is
 killed, and one line names the rank that failed first::
 
@@ -195,6 +197,10 @@ def _watch(
                         _depart(departures, job_dir, rank, pid, wave)
             now = time.monotonic()
             if failed_at is None and any(n.endswith(".failure.json") for n in os.listdir(job_dir)):
+                failed_at = now
+            if failed_at is None and any(d.starting for d in departures.values()):
+                # A rank gave up in MPI's initialization, which waits for every rank: the job can
+                # never start.  mpiexec ends it only if that rank had reached its process manager.
                 failed_at = now
             if failed_at is not None and now - failed_at > GRACE_SECONDS:
                 kill_job(job_dir)

@@ -225,6 +225,38 @@ def test_rank_missing_at_init_is_a_timeout_not_a_hang() -> None:
     ), out.stderr
 
 
+def test_rank_giving_up_before_mpi_started_still_ends_the_job() -> None:
+    # A rank whose initialization deadline fires before MPI even reached the process manager
+    # (seen on a loaded machine: still importing mpi4py at the deadline) exits unnoticed by
+    # mpiexec, which then waits for the other ranks forever; bfrun ends the job.
+    code = (
+        "import os, time\n"
+        "import bluefog_fn.failure as failure\n"
+        "if os.environ['PMI_RANK'] == '1':\n"
+        "    time.sleep(600)\n"
+        "with failure.startup_deadline(1.0):\n"
+        "    time.sleep(60)\n"  # stuck before MPI's initialization began
+    )
+    marker = f"bf-failure-test-{uuid.uuid4().hex}"
+    start = time.monotonic()
+    try:
+        out = subprocess.run([BFRUN, "-np", "2", sys.executable, "-c", code, marker],
+                             capture_output=True, text=True, timeout=150, env=ENV)
+    finally:
+        elapsed = time.monotonic() - start
+        time.sleep(0.2)
+        left = processes_with(marker)
+        for line in left:
+            os.kill(int(line.split(":")[0]), 9)
+    assert not left
+    assert out.returncode != 0
+    assert elapsed < BOUND_SECONDS, f"job took {elapsed:.1f} s"
+    assert (
+        "bfrun: rank(s) [0] gave up waiting for every rank in MPI initialization (BLUEFOG_FN_INIT_TIMEOUT); "
+        "rank(s) [1] never started it" in out.stderr
+    ), out.stderr
+
+
 def test_uncaught_exception_in_a_thread_aborts_the_job() -> None:
     body = (
         "def work():\n"
