@@ -199,6 +199,33 @@ def test_window_half_precision_is_stored_as_float32() -> None:
     torch.testing.assert_close(out.double(), dense(topo.mixing_matrix(), x), atol=1e-2, rtol=1e-2)
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    shape=st.sampled_from([(), (0,), (5,), (3, 4), (2, 3, 5), (4097,)]),
+    k=st.integers(0, 6),
+    seed=st.integers(0, 2**16),
+)
+def test_window_combine_is_the_float64_sum_rounded_once(
+    dtype: torch.dtype, shape: tuple[int, ...], k: int, seed: int
+) -> None:
+    # The compiled combine must give the bits of the left-to-right float64 sum, rounded once.
+    from bluefog_fn.ops.window import combine_update
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=dtype)
+    slots = [torch.randn(shape, generator=g, dtype=dtype) for _ in range(k)]
+    weights = torch.rand(k, generator=g, dtype=F64).div(3).tolist()
+    acc = x.to(F64) * (1 / 3)
+    for s, w in zip(slots, weights, strict=True):
+        acc += s.to(F64) * w
+    x_before = x.clone()
+    out = combine_update(x, slots, weights, 1 / 3)
+    assert out.dtype == dtype and out.shape == x.shape
+    assert torch.equal(out, acc.to(dtype))
+    assert torch.equal(x, x_before)
+
+
 def test_window_world_of_one() -> None:
     win = bf.Window({"a": torch.ones(2), "b": None}, T.ring(bf.size()))
     win.put({"a": torch.ones(2), "b": None})

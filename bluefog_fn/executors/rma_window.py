@@ -28,6 +28,11 @@ if TYPE_CHECKING:
     from ..ops.window import Window
 
 
+def _pooled_scaled(window: Window, buf: torch.Tensor, weight: float) -> torch.Tensor:
+    """``weight · buf`` in a pooled buffer (``buf`` itself for weight 1)."""
+    return buf if weight == 1.0 else _scaled(buf, weight, window._take(buf.dtype, buf.numel()))
+
+
 class RmaWindow(WindowEngine):
     """Created collectively (every rank agrees on the layout, then allocates and meets)."""
 
@@ -89,7 +94,7 @@ class RmaWindow(WindowEngine):
         what = f"{fn} (step {step})"
         pendings = []
         for d, wt in dst:
-            pieces = w._pieces(w._nb.slot[d][me], [_scaled(b, wt) for b in bufs])
+            pieces = w._pieces(w._nb.slot[d][me], [_pooled_scaled(w, b, wt) for b in bufs])
             pendings.append((handle.accumulate if accumulate else handle.put)(d, pieces, what))
         return self._async(fn, pendings)
 
@@ -103,7 +108,7 @@ class RmaWindow(WindowEngine):
 
         def store() -> None:
             writes = [
-                handle.put(me, w._pieces(w._nb.slot[me][j], [_scaled(b, wt) for b in bufs]), what)
+                handle.put(me, w._pieces(w._nb.slot[me][j], [_pooled_scaled(w, b, wt) for b in bufs]), what)
                 for j, wt, bufs in fetched
             ]
             for p in writes:
@@ -130,8 +135,8 @@ class RmaWindow(WindowEngine):
             for p in reads:
                 p.wait()
             outs = [
-                combine_update(own[gi], [bufs[gi] for bufs in slots], [wt for _, wt in src], sw)
-                for gi in range(len(w._layout.groups))
+                combine_update(own[gi], [bufs[gi] for bufs in slots], [wt for _, wt in src], sw, out=out)
+                for gi, out in enumerate(w._empty())
             ]
             handle.put(me, w._pieces(0, outs), what).wait()
         device = flat.tensors[0].device if flat is not None and flat.tensors else torch.device("cpu")
