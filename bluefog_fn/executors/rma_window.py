@@ -134,10 +134,13 @@ class RmaWindow(WindowEngine):
                     reads.append(handle.get(me, pieces, what))
             for p in reads:
                 p.wait()
-            outs = [
-                combine_update(own[gi], [bufs[gi] for bufs in slots], [wt for _, wt in src], sw, out=out)
-                for gi, out in enumerate(w._empty())
-            ]
+            if not src and sw == 1.0:  # the value itself (pull_get sets its own value this way)
+                outs = own
+            else:
+                outs = [
+                    combine_update(own[gi], [bufs[gi] for bufs in slots], [wt for _, wt in src], sw, out=out)
+                    for gi, out in enumerate(w._empty())
+                ]
             handle.put(me, w._pieces(0, outs), what).wait()
         device = flat.tensors[0].device if flat is not None and flat.tensors else torch.device("cpu")
         return w._unflatten(flat, outs, device)

@@ -551,7 +551,12 @@ class DecentralizedOptimizer:
         loss = self.optimizer.step(closure)
         phase("local step")
         with torch.no_grad():
-            adapted = [p.detach().clone() for p in params]
+            if self.style != "push_sum":
+                # The window copies what it is given, and the parameters change only after the
+                # window is done with them, so they are passed as they are.
+                adapted = [p.detach() for p in params]
+            else:  # the numerator is kept apart from the parameters, which become u / w
+                adapted = [p.detach().clone() for p in params]
             if not self._communicates(k):
                 if self.style == "push_sum":
                     self._numerator = adapted
