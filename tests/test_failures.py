@@ -49,16 +49,21 @@ def run_job(
 
     ``shm``: ``BLUEFOG_FN_SHM`` for the job ("1": every exchange between these ranks of one
     machine goes through shared memory, so waits are on peers' flags, not MPI requests)."""
-    marker = f"bf-failure-test-{uuid.uuid4().hex}"
     env = dict(ENV)
     if shm is not None:
         env["BLUEFOG_FN_SHM"] = shm
     if timeout_s is not None:
         env["BLUEFOG_FN_TIMEOUT"] = str(timeout_s)
+    return run_code(np_, PRELUDE + body, env)
+
+
+def run_code(np_: int, code: str, env: dict[str, str]) -> tuple[subprocess.CompletedProcess[str], float]:
+    """Run ``code`` as it is on ``np_`` ranks; kill whatever of the job is left afterwards."""
+    marker = f"bf-failure-test-{uuid.uuid4().hex}"
     start = time.monotonic()
     try:
         out = subprocess.run(
-            [BFRUN, "-np", str(np_), sys.executable, "-c", PRELUDE + body, marker],
+            [BFRUN, "-np", str(np_), sys.executable, "-c", code, marker],
             capture_output=True, text=True, timeout=150, env=env,
         )
     finally:
@@ -204,18 +209,7 @@ def test_rank_missing_at_init_is_a_timeout_not_a_hang() -> None:
         "    time.sleep(600)\n"
         "bf.init()\n"
     )
-    marker = f"bf-failure-test-{uuid.uuid4().hex}"
-    try:
-        out = subprocess.run(
-            [BFRUN, "-np", "2", sys.executable, "-c", code, marker],
-            capture_output=True, text=True, timeout=150, env={**ENV, "BLUEFOG_FN_INIT_TIMEOUT": "3"},
-        )
-    finally:
-        time.sleep(0.2)
-        left = processes_with(marker)
-        for line in left:
-            os.kill(int(line.split(":")[0]), 9)
-    assert not left
+    out, _ = run_code(2, code, {**ENV, "BLUEFOG_FN_INIT_TIMEOUT": "3"})
     assert out.returncode != 0
     # MPI's own initialization waits for every rank: its deadline prints where rank 0 was stuck.
     assert "Timeout (0:00:03)!" in out.stderr, out.stderr
@@ -237,18 +231,7 @@ def test_rank_giving_up_before_mpi_started_still_ends_the_job() -> None:
         "with failure.startup_deadline(1.0):\n"
         "    time.sleep(60)\n"  # stuck before MPI's initialization began
     )
-    marker = f"bf-failure-test-{uuid.uuid4().hex}"
-    start = time.monotonic()
-    try:
-        out = subprocess.run([BFRUN, "-np", "2", sys.executable, "-c", code, marker],
-                             capture_output=True, text=True, timeout=150, env=ENV)
-    finally:
-        elapsed = time.monotonic() - start
-        time.sleep(0.2)
-        left = processes_with(marker)
-        for line in left:
-            os.kill(int(line.split(":")[0]), 9)
-    assert not left
+    out, elapsed = run_code(2, code, ENV)
     assert out.returncode != 0
     assert elapsed < BOUND_SECONDS, f"job took {elapsed:.1f} s"
     assert (
