@@ -163,6 +163,26 @@ def _to_device(buf: torch.Tensor, device: torch.device) -> torch.Tensor:
     return buf if device.type == "cpu" else buf.to(device, non_blocking=False)
 
 
+def scaled_sends(
+    plan: CommPlan, segments: Sequence[Sequence[torch.Tensor]], segments_np: Sequence[Sequence[np.ndarray]]
+) -> tuple[list[tuple[int, np.ndarray]], list[torch.Tensor]]:
+    """The messages of ``plan.sends``: to each destination every segment of every group, in
+    (group, segment) order (the receiver posts its receives in that order), scaled by the
+    destination's weight; also the scaled copies, which must outlive the sends."""
+    sends: list[tuple[int, np.ndarray]] = []
+    keep: list[torch.Tensor] = []
+    for dst, scale in plan.sends:
+        for segs, segs_np in zip(segments, segments_np, strict=True):
+            if scale == 1.0:  # straight from the caller's memory
+                sends.extend((dst, a) for a in segs_np)
+                continue
+            for seg_x in segs:
+                scaled = seg_x * scale
+                keep.append(scaled)
+                sends.append((dst, host_array(scaled)))
+    return sends, keep
+
+
 class Exchange:
     """The point-to-point part of ``neighbor_mean`` / ``neighbor_gather`` in flight.
 
@@ -193,8 +213,6 @@ class Exchange:
         self.recv: list[torch.Tensor] = []  # per group: (peers, numel)
         self.recv_np: list[np.ndarray] = []
         self.staged: list[torch.Tensor] = []
-        keep: list[torch.Tensor] = []  # scaled copies must outlive the sends
-        sends: list[tuple[int, np.ndarray]] = []
         recvs: list[tuple[int, np.ndarray]] = []
         n_in = len(plan.recvs)
         for g in plan.layout.groups:
@@ -215,16 +233,7 @@ class Exchange:
                 for si, seg in enumerate(g.segments):
                     recvs.append((src, rows[j, seg.start : seg.stop]))
                     self.recv_segment.append((gi, si))
-        for dst, scale in plan.sends:
-            for gi in range(len(plan.layout.groups)):
-                if scale == 1.0:
-                    sends.extend((dst, a) for a in self.x_np[gi])
-                    continue
-                for seg_x in self.x[gi]:
-                    scaled = seg_x * scale
-                    keep.append(scaled)
-                    sends.append((dst, host_array(scaled)))
-        self._keep = keep
+        sends, self._keep = scaled_sends(plan, self.x, self.x_np)
         if span is not None:
             span.phase("pack")
         self.pending: ExchangePending = transport.exchange(sends, recvs, plan.tag, call=call, what=what or describe(plan))
@@ -367,7 +376,8 @@ class RaggedGather:
     buffers in its own layout (``layouts[j]`` for ``plan.recvs[j]``, built from the first
     dimensions it announced), so every message lands whole in a buffer of its exact size.
 
-    Sends are those of :class:`Exchange` (this rank's layout, scaled by ``dst_weights``).
+    Sends are those of :class:`Exchange` (:func:`scaled_sends`: this rank's layout, scaled by
+    ``dst_weights``); a mismatch names the calls as :class:`Exchange`'s do when ``calls`` is given.
     """
 
     def __init__(
@@ -379,13 +389,15 @@ class RaggedGather:
         layouts: Sequence[Layout],
         *,
         call: int | None = None,
+        calls: CallOrder | None = None,
+        what: str | None = None,
     ) -> None:
+        self.plan = plan
+        self.calls = calls
         self.res = res
         self.layouts = layouts
         self.device = tensors[0].device if tensors else torch.device("cpu")
         self.staged: list[torch.Tensor] = []
-        keep: list[torch.Tensor] = []
-        sends: list[tuple[int, np.ndarray]] = []
         recvs: list[tuple[int, np.ndarray]] = []
         own: list[list[torch.Tensor]] = []
         for g in plan.layout.groups:
@@ -393,12 +405,8 @@ class RaggedGather:
             own.append(segs)
             if staged is not None:
                 self.staged.append(staged)
-        for dst, scale in plan.sends:
-            for segs in own:
-                for seg_x in segs:
-                    out = seg_x if scale == 1.0 else seg_x * scale
-                    keep.append(out)
-                    sends.append((dst, host_array(out)))
+        sends, self._keep = scaled_sends(plan, own, [[host_array(t) for t in segs] for segs in own])
+        self._keep.extend(t for segs in own for t in segs)  # the unscaled sends' memory, likewise
         self.bufs: list[list[torch.Tensor]] = []  # per source, per group
         for (src, _), layout in zip(plan.recvs, layouts, strict=True):
             mine = []
@@ -408,15 +416,19 @@ class RaggedGather:
                 recvs.extend((src, buf_np[seg.start : seg.stop]) for seg in g.segments)
             self.bufs.append(mine)
         self.sources = [src for src, _ in plan.recvs]
-        self._keep = keep
-        self.pending: ExchangePending = transport.exchange(sends, recvs, plan.tag, call=call, what=describe(plan))
+        self.pending: ExchangePending = transport.exchange(sends, recvs, plan.tag, call=call, what=what or describe(plan))
 
     def done(self) -> bool:
         return self.pending.done()
 
     def gathered(self) -> dict[int, list[torch.Tensor]]:
         """Wait, then return each source's leaves (views into its receive buffers)."""
-        self.pending.wait()
+        try:
+            self.pending.wait()
+        except CallMismatchError as exc:
+            if self.calls is None:
+                raise
+            raise explain(self.calls, self.plan.rank, self.plan.op, exc) from None
         self._keep = []
         for buf in self.staged:
             self.res.staging.release(buf)

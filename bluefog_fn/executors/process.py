@@ -198,7 +198,10 @@ class ProcessExecutor(Executor):
             )
         else:
             layouts = [build_layout(_with_first_dims(flat.metas, sources[src])) for src, _ in plan.recvs]
-            exchange = RaggedGather(self.transport, world.resources, plan, flat.tensors, layouts, call=call)
+            exchange = RaggedGather(
+                self.transport, world.resources, plan, flat.tensors, layouts, call=call, calls=world.calls,
+                what=describe(plan, step),
+            )
 
         wanted = None if src_weights is None else set(src_weights)
 

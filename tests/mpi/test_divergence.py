@@ -155,6 +155,31 @@ def test_per_call_graphs_run_no_agreement_collective_after_the_first_call() -> N
     all_ranks_agree(len(calls) <= 1, f"agreement collectives on per-call graphs: {len(calls)}")
 
 
+def test_ragged_gather_a_call_behind_names_both_calls() -> None:
+    # The ragged path's data messages carry the call number like the uniform path's: after
+    # rank 1 made one call more (an edge-less per-call graph: no message at all), the pair's
+    # ragged gathers meet with different numbers and each side's error says what its call was.
+    ragged = {"g": torch.full((ME + 2, 3), float(ME))}
+    edgeless = {"self_weight": 1.0, "src_weights": {}, "dst_weights": []}
+    x = torch.full((47,), float(ME))
+    bf.neighbor_mean(x, None, **edgeless)  # agreed once, on every rank
+    bf.neighbor_gather(ragged, pairs_graph(0.5))  # the pattern is agreed (and seen ragged)
+
+    def run() -> object:
+        if ME == 1:
+            bf.neighbor_mean(x, None, **edgeless)
+        return bf.neighbor_gather(ragged, pairs_graph(0.5))
+
+    error, got = outcome(run)
+    resync()
+    check_pair_failed(error, "ragged gather a call behind")
+    if ME in (0, 1):
+        assert error is not None and error.startswith("neighbor_gather: "), error
+        assert f"rank {ME}'s call #" in error and "is neighbor_gather(" in error, error
+    else:  # the healthy pairs gathered their partner's rows
+        assert isinstance(got, dict) and torch.equal(got[PARTNER]["g"], torch.full((PARTNER + 2, 3), float(PARTNER)))
+
+
 # ---------------------------------------------------------------- global ops
 #
 # A global op is a collective of every rank, so a divergence anywhere fails the call on every
