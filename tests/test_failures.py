@@ -270,6 +270,28 @@ def test_ranks_finishing_at_different_times_succeed() -> None:
     assert "bfrun:" not in out.stderr
 
 
+@TRANSPORTS
+def test_program_that_handled_a_mismatch_exits_cleanly(shm: str) -> None:
+    # After a CallMismatchError the peer's data of the failed call is never received; a program
+    # that caught the error and ended normally must not fail at exit because of it.
+    body = (
+        "topo = bf.topology.ring(2)\n"
+        "x = {'w': torch.full((10,), float(bf.rank()))}\n"
+        "bf.neighbor_mean(x, topo)\n"
+        "bf.neighbor_gather(x, topo)\n"
+        "try:\n"
+        "    if bf.rank() != 1:\n"
+        "        bf.neighbor_mean(x, topo)\n"  # rank 1 skipped this call
+        "    bf.neighbor_gather(x, topo)\n"
+        "except bf.MismatchError as exc:\n"
+        "    os.write(1, f'caught {bf.rank()} {type(exc).__name__}\\n'.encode())\n"
+    )
+    out, _ = run_job(2, body, timeout_s=30, shm=shm)
+    assert out.returncode == 0, out.stderr
+    assert sorted(out.stdout.split("\n")[:-1]) == ["caught 0 CallMismatchError", "caught 1 CallMismatchError"]
+    assert "bfrun:" not in out.stderr and "unmatched" not in out.stderr, out.stderr
+
+
 def test_exit_status_is_the_programs() -> None:
     out, _ = run_job(2, "bf.barrier()\nsys.exit(3)\n")
     assert out.returncode == 3, out.stderr
