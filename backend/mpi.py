@@ -166,22 +166,19 @@ def _cancel(pending: list[MPI.Request]) -> None:
                 r.Cancel()
 
 
-def _drop_queued(comm: MPI.Comm, timeout: float) -> int:
-    """Receive and discard every message waiting for this rank on ``comm``; returns how many.
+def _drop_queued(comm: MPI.Comm, timeout: float) -> None:
+    """Receive and discard every message waiting for this rank on ``comm``.
 
     At shutdown every rank has left, so nothing will ever receive them: they are a failed call's
     data (after a ``CallMismatchError`` the peer's message of that call stays queued), and
     ``MPI_Comm_free`` would fail on them at exit although the program handled the error.
     """
     status = MPI.Status()
-    dropped = 0
     while comm.Iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=status):
         src = status.Get_source()
         buf = np.empty(status.Get_count(MPI.BYTE), np.uint8)
         req = comm.Irecv([buf, MPI.BYTE], source=src, tag=status.Get_tag())
         _wait_all([req], timeout, "shutdown (discarding a failed call's message)", [src])
-        dropped += 1
-    return dropped
 
 
 def _wait_all(

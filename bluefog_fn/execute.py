@@ -163,6 +163,11 @@ def _to_device(buf: torch.Tensor, device: torch.device) -> torch.Tensor:
     return buf if device.type == "cpu" else buf.to(device, non_blocking=False)
 
 
+def _with_calls(exc: CallMismatchError, calls: CallOrder | None, plan: CommPlan) -> CallMismatchError:
+    """``exc`` with this rank's record of the calls it names, when there is a record."""
+    return exc if calls is None else explain(calls, plan.rank, plan.op, exc)
+
+
 def scaled_sends(
     plan: CommPlan, segments: Sequence[Sequence[torch.Tensor]], segments_np: Sequence[Sequence[np.ndarray]]
 ) -> tuple[list[tuple[int, np.ndarray]], list[torch.Tensor]]:
@@ -244,9 +249,7 @@ class Exchange:
         try:
             yield from self.pending.completed()
         except CallMismatchError as exc:
-            if self.calls is None:
-                raise
-            raise explain(self.calls, self.plan.rank, self.plan.op, exc) from None
+            raise _with_calls(exc, self.calls, self.plan) from None
 
     def _wait(self) -> None:
         for _ in self._completed():
@@ -426,9 +429,7 @@ class RaggedGather:
         try:
             self.pending.wait()
         except CallMismatchError as exc:
-            if self.calls is None:
-                raise
-            raise explain(self.calls, self.plan.rank, self.plan.op, exc) from None
+            raise _with_calls(exc, self.calls, self.plan) from None
         self._keep = []
         for buf in self.staged:
             self.res.staging.release(buf)
